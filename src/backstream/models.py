@@ -1,0 +1,94 @@
+"""The model table: names and aliases, their providers, fallbacks and concurrency slots."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+
+from .config import ModelConfig, Settings
+from .errors import invalid
+from .providers import Provider, create_provider
+
+
+class ModelSlots:
+    """Per-model concurrency: at most `max_concurrency` runs at once; waiters start by priority, then arrival."""
+
+    def __init__(self, capacity: dict[str, int]) -> None:
+        self._capacity = capacity
+        self._used = dict.fromkeys(capacity, 0)
+        self._waiters: dict[str, list[tuple[int, int, asyncio.Future[None]]]] = {m: [] for m in capacity}
+        self._order = itertools.count()
+
+    def in_use(self, model: str) -> int:
+        return self._used[model]
+
+    def waiting(self, model: str) -> int:
+        return sum(1 for *_, f in self._waiters[model] if not f.done())
+
+    async def acquire(self, model: str, priority: int = 0) -> None:
+        if self._used[model] < self._capacity[model] and not self.waiting(model):
+            self._used[model] += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters[model], (priority, next(self._order), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(model)  # the slot was handed over just as we were cancelled
+            raise
+
+    def release(self, model: str) -> None:
+        waiters = self._waiters[model]
+        while waiters:
+            *_, fut = heapq.heappop(waiters)
+            if not fut.done():
+                fut.set_result(None)  # hand the slot straight to the next waiter
+                return
+        self._used[model] -= 1
+
+
+class ModelTable:
+    def __init__(self, settings: Settings) -> None:
+        self.default = settings.default_model
+        self.models = {m.name: m for m in settings.models}
+        self._names = {n: m for m in settings.models for n in (m.name, *m.aliases)}
+        self._providers: dict[str, Provider] = {}
+        self.slots = ModelSlots({m.name: m.max_concurrency for m in settings.models})
+
+    def resolve(self, name: str | None) -> ModelConfig:
+        config = self._names.get(name or self.default)
+        if config is None:
+            available = ", ".join(sorted(self._names))
+            raise invalid(f"unknown model {name!r}; available: {available}", "model")
+        return config
+
+    def route(self, config: ModelConfig) -> list[ModelConfig]:
+        """The model, then its fallbacks (each once)."""
+        out = [config]
+        for name in config.fallbacks:
+            fb = self._names[name]
+            if fb not in out:
+                out.append(fb)
+        return out
+
+    def provider(self, config: ModelConfig) -> Provider:
+        p = self._providers.get(config.name)
+        if p is None:
+            p = self._providers[config.name] = create_provider(config)
+        return p
+
+    async def check(self) -> dict[str, str]:
+        """Readiness problems by model name (empty: all usable)."""
+        problems = {}
+        for config in self.models.values():
+            reason = await self.provider(config).check()
+            if reason:
+                problems[config.name] = reason
+        return problems
+
+    async def aclose(self) -> None:
+        for p in self._providers.values():
+            await p.aclose()
+        self._providers.clear()

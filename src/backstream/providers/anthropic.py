@@ -1,0 +1,185 @@
+"""Anthropic's Messages API through the official SDK, body parsed lean (see openai.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import httpx
+import orjson
+
+from ..schema import ChatRequest, ThinkingEffort, ThinkingEnabled
+from .base import OVERLOADED, UPSTREAM, Delta, Provider, SSEDecoder, UpstreamError, sdk_error, timeout_for
+
+_FINISH = {
+    "end_turn": "Stop",
+    "max_tokens": "Length",
+    "stop_sequence": "StopSequence",
+    "tool_use": "ToolUse",
+    "pause_turn": "Stop",
+    "refusal": "Stop",
+    "model_context_window_exceeded": "Length",
+}
+_EFFORT_BUDGET = {"low": 1024, "medium": 4096, "high": 16384}
+# Request fields Anthropic understands that are passed on unchanged when set.
+_PASS_THROUGH = ("service_tier", "inference_geo", "container", "context_management")
+
+
+def build_payload(model: str, default_max_tokens: int, request: ChatRequest, warnings: list[str]) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": request.max_tokens or default_max_tokens,
+        "messages": [m.model_dump(mode="json", exclude_none=True, by_alias=True) for m in request.messages],
+    }
+    if request.system:
+        body["system"] = [
+            {"type": "text", "text": s.text, **({"cache_control": s.cache_control} if s.cache_control else {})}
+            for s in request.system
+        ]
+    if request.temperature is not None:
+        if request.temperature > 1:
+            warnings.append("temperature above 1 is not supported by provider anthropic and was lowered to 1")
+        body["temperature"] = min(request.temperature, 1.0)
+    for key in ("top_p", "top_k"):
+        if getattr(request, key) is not None:
+            body[key] = getattr(request, key)
+    for key in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "maximum_loaded_skills"):
+        if getattr(request, key) is not None:
+            warnings.append(f"{key} is not supported by provider anthropic and was dropped")
+    if request.stop_sequences:
+        body["stop_sequences"] = request.stop_sequences
+    if request.tools:
+        body["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
+        if request.tool_choice is not None:
+            body["tool_choice"] = request.tool_choice.model_dump(exclude_none=True)
+    thinking = request.thinking
+    if isinstance(thinking, ThinkingEnabled):
+        body["thinking"] = {"type": "enabled", "budget_tokens": thinking.budget_tokens}
+    elif isinstance(thinking, ThinkingEffort) and thinking.enabled:
+        body["thinking"] = {"type": "enabled", "budget_tokens": _EFFORT_BUDGET[thinking.effort]}
+    if "thinking" in body and body["max_tokens"] <= body["thinking"]["budget_tokens"]:
+        body["max_tokens"] = body["thinking"]["budget_tokens"] + (request.max_tokens or default_max_tokens)
+    fmt = request.output_format
+    if fmt is not None:
+        body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.schema_}}
+    if request.metadata and request.metadata.get("user_id"):
+        body["metadata"] = {"user_id": request.metadata["user_id"]}
+    if request.cache_control is not None:
+        body["cache_control"] = request.cache_control.model_dump(exclude_none=True)
+    for key in _PASS_THROUGH:
+        if getattr(request, key) is not None:
+            body[key] = getattr(request, key)
+    return body
+
+
+class AnthropicStreamParser:
+    """Anthropic SSE events -> deltas; keeps the usage that message_start and message_delta split."""
+
+    __slots__ = ("usage", "_tool_index")
+
+    def __init__(self) -> None:
+        self.usage: dict[str, Any] = {}
+        self._tool_index: dict[int, int] = {}
+
+    def deltas(self, kind: bytes, event: dict[str, Any]) -> list[Delta]:
+        t = event.get("type") or kind.decode()
+        if t == "content_block_delta":
+            d = event["delta"]
+            dt = d.get("type")
+            if dt == "text_delta":
+                return [("text", d["text"])]
+            if dt == "thinking_delta":
+                return [("thinking", d["thinking"])]
+            if dt == "input_json_delta":
+                return [("tool_delta", event["index"], d["partial_json"])] if d.get("partial_json") else []
+            if dt == "signature_delta":
+                return [("signature", d["signature"])]
+            return []
+        if t == "content_block_start":
+            block = event["content_block"]
+            if block.get("type") in ("tool_use", "server_tool_use"):
+                return [("tool_start", event["index"], block.get("id"), block.get("name"))]
+            return []
+        if t == "message_start":
+            u = (event.get("message") or {}).get("usage") or {}
+            self.usage = {
+                "prompt_tokens": u.get("input_tokens"),
+                "completion_tokens": u.get("output_tokens"),
+                "cache_write_input_tokens": u.get("cache_creation_input_tokens"),
+                "cache_read_input_tokens": u.get("cache_read_input_tokens"),
+            }
+            return []
+        if t == "message_delta":
+            out: list[Delta] = []
+            u = event.get("usage") or {}
+            for ours, theirs in (("completion_tokens", "output_tokens"), ("prompt_tokens", "input_tokens")):
+                if u.get(theirs) is not None:
+                    self.usage[ours] = u[theirs]
+            out.append(("usage", dict(self.usage)))
+            reason = (event.get("delta") or {}).get("stop_reason")
+            if reason:
+                out.append(("finish", _FINISH.get(reason, "Stop")))
+            return out
+        if t == "error":
+            err = event.get("error") or {}
+            etype = OVERLOADED if err.get("type") == "overloaded_error" else UPSTREAM
+            return [("error", etype, str(err.get("message") or "upstream error"))]
+        return []
+
+
+class AnthropicProvider(Provider):
+    name = "anthropic"
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key or "none",
+            base_url=config.base_url,
+            max_retries=0,
+            timeout=timeout_for(config),
+        )
+
+    async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncIterator[Delta]:
+        body = build_payload(self.config.upstream_model, self.config.max_tokens, request, warnings)
+        known = {k: body.pop(k) for k in list(body) if k in _SDK_PARAMS}
+        parser = AnthropicStreamParser()
+        try:
+            async with self._client.messages.with_streaming_response.create(
+                **known, stream=True, extra_body=body or None
+            ) as response:
+                decoder = SSEDecoder()
+                async for raw in response.http_response.aiter_raw():
+                    for kind, data in decoder.feed(raw):
+                        try:
+                            event = orjson.loads(data)
+                        except orjson.JSONDecodeError:
+                            raise UpstreamError(UPSTREAM, "upstream sent a malformed stream event") from None
+                        for delta in parser.deltas(kind, event):
+                            yield delta
+                        if kind == b"message_stop":
+                            return
+        except (anthropic.APIError, OSError, httpx.HTTPError) as exc:
+            raise sdk_error(exc, self.config, anthropic.APITimeoutError, anthropic.APIStatusError) from None
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+_SDK_PARAMS = {
+    "model",
+    "max_tokens",
+    "messages",
+    "system",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop_sequences",
+    "tools",
+    "tool_choice",
+    "thinking",
+    "metadata",
+    "service_tier",
+}
