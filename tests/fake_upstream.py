@@ -741,6 +741,7 @@ class FakeUpstream:
         self._other_requests: list[Recorded] = []
         self._open = 0
         self._peak = 0
+        self._accepted = 0
         self._ids = itertools.count(1)
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -824,6 +825,11 @@ class FakeUpstream:
             return list(self._other_requests)
 
     @property
+    def connections_accepted(self) -> int:
+        """Extra: TCP connections accepted since start / reset() (keep-alive checks)."""
+        return self._accepted
+
+    @property
     def open_streams(self) -> int:
         return self._open
 
@@ -838,6 +844,7 @@ class FakeUpstream:
             self._requests.clear()
             self._other_requests.clear()
             self._peak = self._open
+            self._accepted = 0
 
     def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[Recorded]:
         with self._cond:
@@ -933,6 +940,7 @@ class FakeUpstream:
             self._conn_tasks.add(task)
         conn = _Conn(reader, writer)
         self._conns.add(conn)
+        self._accepted += 1
         try:
             sock = writer.get_extra_info("socket")
             if sock is not None:
@@ -947,11 +955,17 @@ class FakeUpstream:
                 if not await self._dispatch(conn, req):
                     break
         except _BadRequest as e:
-            conn.writer.write(
-                _json_response(400, _dumps(_openai_error_body(400, message=str(e))), keep_alive=False)
-            )
+            if not writer.transport.is_closing():
+                writer.write(
+                    _json_response(400, _dumps(_openai_error_body(400, message=str(e))), keep_alive=False)
+                )
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             conn.aborted = True
+        except RuntimeError:
+            # uvloop: write on a transport the peer already reset.
+            conn.aborted = True
+            if not writer.transport.is_closing():  # pragma: no cover - bug in the fake
+                log.exception("fake upstream: unexpected error")
         except asyncio.CancelledError:
             # Shutdown.  Not re-raised: asyncio's start_server callback in 3.11 calls
             # task.exception() on the finished handler task and would log a cancelled one.
@@ -1105,6 +1119,11 @@ class FakeUpstream:
             return await self._produce_inner(conn, req, rec, reply, provider, body)
         except (ConnectionError, OSError):
             return _LOST
+        except RuntimeError:
+            # uvloop raises RuntimeError when writing to a transport the peer already reset.
+            if conn.writer.transport.is_closing():
+                return _LOST
+            raise
 
     async def _produce_inner(
         self, conn: _Conn, req: _Request, rec: Recorded, reply: Reply, provider: str, body: dict
@@ -1158,6 +1177,8 @@ class FakeUpstream:
         transport = writer.transport
 
         async def flush() -> None:
+            if transport.is_closing():
+                raise ConnectionResetError("client went away")
             if out:
                 writer.write(b"".join(out))
                 out.clear()
@@ -1184,7 +1205,11 @@ class FakeUpstream:
             return _DROPPED
 
         sleep = asyncio.sleep
+        clock = time.monotonic
         ttft, delay, fault_after = reply.ttft, reply.delay, reply.fault_after
+        # Pacing is deadline based (ttft counted from request arrival), so timer
+        # granularity does not accumulate into drift over long streams.
+        deadline = rec.started_at
         sent = 0
         fired = fault is None
         for data, is_content in plan.body:
@@ -1192,7 +1217,12 @@ class FakeUpstream:
                 wait = ttft if sent == 0 else delay
                 if wait > 0:
                     await flush()
-                    await sleep(wait)
+                    deadline += wait
+                    now = clock()
+                    if deadline > now:
+                        await sleep(deadline - now)
+                    elif now - deadline > wait:
+                        deadline = now  # far behind (overloaded): pace from here, no burst
                 if not fired and sent == fault_after:
                     fired = True
                     outcome = await fire_fault()
@@ -1202,7 +1232,9 @@ class FakeUpstream:
             out.append(data)
         if sent == 0 and ttft > 0:
             await flush()
-            await sleep(ttft)
+            remaining = rec.started_at + ttft - clock()
+            if remaining > 0:
+                await sleep(remaining)
         if not fired:
             outcome = await fire_fault()
             if outcome is not None:

@@ -68,9 +68,17 @@ def pydantic_details(errors: list[dict[str, Any]], prefix: tuple[Any, ...] = ())
         if field:
             loc = [*prefix, *field.split(".")]
         # pydantic puts the union member or validator name in the path; keep only real fields/indices.
-        parts = [str(p) for p in loc if not (isinstance(p, str) and (p.startswith("function-") or "[" in p))]
+        parts = [str(p) for p in loc if not (isinstance(p, str) and _is_union_member(p))]
         msg = e.get("msg", "invalid value")
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         out.append({"field": ".".join(parts) or "body", "message": msg, "type": e.get("type", "value_error")})
     return out
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "literal"}
+
+
+def _is_union_member(part: str) -> bool:
+    """pydantic names the union member it tried in the path (`str`, `list[...]`, `ThinkingEnabled`); our fields are lowercase."""
+    return part in _TYPE_NAMES or part[:1].isupper() or "[" in part or part.startswith(("function-", "literal"))

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
-import httpx
+import httpx2 as httpx  # the transport both official SDKs are built on
 import orjson
 
 from ..schema import ChatRequest, ThinkingEffort, ThinkingEnabled
@@ -168,18 +168,6 @@ class AnthropicProvider(Provider):
         await self._client.close()
 
 
-_SDK_PARAMS = {
-    "model",
-    "max_tokens",
-    "messages",
-    "system",
-    "temperature",
-    "top_p",
-    "top_k",
-    "stop_sequences",
-    "tools",
-    "tool_choice",
-    "thinking",
-    "metadata",
-    "service_tier",
-}
+# Only what every SDK release takes as arguments; the rest goes in extra_body, so SDK
+# signature changes (sampling fields come and go) cannot break a request.
+_SDK_PARAMS = {"model", "max_tokens", "messages"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import httpx2 as httpx  # the transport both official SDKs are built on
 
 from ..config import ModelConfig
 from ..schema import ChatRequest

@@ -12,7 +12,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import httpx2 as httpx  # the transport both official SDKs are built on
 import openai
 import orjson
 
@@ -237,21 +237,6 @@ class OpenAIProvider(Provider):
         await self._client.close()
 
 
-_SDK_PARAMS = {
-    "max_tokens",
-    "stream",
-    "stream_options",
-    "temperature",
-    "top_p",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "service_tier",
-    "stop",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "reasoning_effort",
-    "user",
-}
+# Only what every SDK release takes as arguments; the rest goes in extra_body, so SDK
+# signature changes (sampling fields come and go) cannot break a request.
+_SDK_PARAMS = {"stream"}
