@@ -111,6 +111,7 @@ def fake_models(fake: FakeUpstream) -> list[dict[str, Any]]:
         {"name": "gpt-fb", "provider": "openai", "base_url": fake.base_url, "model": "gpt-fb-up", "retries": 0, "timeout_s": 5, "fallbacks": ["claude"]},
         {"name": "gpt-slow", "provider": "openai", "base_url": fake.base_url, "model": "gpt-slow-up", "retries": 0, "timeout_s": 0.5},
         {"name": "gpt-x", "provider": "openai", "base_url": fake.base_url, "model": "gpt-x-up", "retries": 0, "timeout_s": 5, "extra_sampling": True},
+        {"name": "gpt-one", "provider": "openai", "base_url": fake.base_url, "model": "gpt-one-up", "retries": 0, "timeout_s": 30, "max_concurrency": 1},
     ]
 
 
@@ -138,4 +139,19 @@ def server(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture()
 def http(server: ServerProcess) -> Iterator[httpx.Client]:
     with server.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="session", params=["memory", "sqlite"])
+def bg_server(request: pytest.FixtureRequest, fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server per store backend, for the background-run suite."""
+    tmp = tmp_path_factory.mktemp(f"bg-{request.param}")
+    srv = ServerProcess(tmp, {"store": request.param, "models": fake_models(fake), "keepalive_s": 1}, name=f"bg-{request.param}").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def bg(bg_server: ServerProcess) -> Iterator[httpx.Client]:
+    with bg_server.client() as c:
         yield c

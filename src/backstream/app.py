@@ -22,6 +22,9 @@ from .engine import MessageFolder, Run
 from .errors import STATUS_BY_TYPE, ApiError, error_body, invalid, pydantic_details
 from .events import Event, new_message_id, new_ulid
 from .models import ModelTable
+from .scheduler import RunScheduler
+from .store import create_store
+from .streams import build_router
 from .responses import ClientGone, EventStreamResponse, cancel_on_disconnect
 from .schema import ChatRequest, ErrorResponse, MessageResponse, ModelInfo, ModelList
 
@@ -117,11 +120,19 @@ _REQUEST_EXAMPLE = {
 
 def create_app(settings: Settings) -> FastAPI:
     models = ModelTable(settings)
+    store = create_store(settings)
+    scheduler = RunScheduler(settings, store, models)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await models.aclose()
+        await store.open()
+        await scheduler.start()
+        try:
+            yield
+        finally:
+            await scheduler.stop()
+            await store.close()
+            await models.aclose()
 
     app = FastAPI(
         title="Backstream",
@@ -132,6 +143,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.models = models
+    app.state.store = store
+    app.state.scheduler = scheduler
     app.add_middleware(RequestContext, max_body_bytes=settings.limits.max_body_bytes)
     _install_error_handlers(app)
     _install_openapi(app)
@@ -144,9 +157,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/readyz", tags=["operations"], responses={503: {"model": ErrorResponse}})
     async def readyz(request: Request) -> Response:
         """Readiness: the store and every configured provider are usable."""
-        problems = await models.check()
+        problems = {f"models.{name}": reason for name, reason in (await models.check()).items()}
+        store_problem = await store.ping()
+        if store_problem:
+            problems["store"] = store_problem
         if problems:
-            details = [{"field": f"models.{name}", "message": reason, "type": "not_ready"} for name, reason in problems.items()]
+            details = [{"field": field, "message": reason, "type": "not_ready"} for field, reason in problems.items()]
             return error_response(request.scope, 503, "overloaded_error", "not ready", details)
         return ORJSONResponse({"status": "ready"})
 
@@ -191,6 +207,7 @@ def create_app(settings: Settings) -> FastAPI:
             return await _stream_sync(request, run, settings)
         return await _fold_sync(request, run)
 
+    app.include_router(build_router(read_chat_request))
     return app
 
 

@@ -78,13 +78,14 @@ def new_message_id() -> str:
 class Event:
     """One event of one stream. `seq` is its 1-based position, the SSE `id:` and resume cursor."""
 
-    __slots__ = ("seq", "type", "fields", "data")
+    __slots__ = ("seq", "type", "fields", "data", "_frame")
 
     def __init__(self, seq: int, type: str, fields: dict[str, Any] | None, data: bytes) -> None:
         self.seq = seq
         self.type = type
         self.fields = fields
         self.data = data
+        self._frame: bytes | None = None
 
     @classmethod
     def build(cls, seq: int, type: str, message_id: str, **fields: Any) -> Event:
@@ -93,6 +94,12 @@ class Event:
 
     def frame(self) -> bytes:
         return sse_frame(self.seq, self.type, self.data)
+
+    def frame_bytes(self) -> bytes:
+        """The SSE frame, built once and shared by every watcher."""
+        if self._frame is None:
+            self._frame = sse_frame(self.seq, self.type, self.data)
+        return self._frame
 
     def load(self) -> dict[str, Any]:
         if self.fields is None:

@@ -153,14 +153,14 @@ class AnthropicProvider(Provider):
                 decoder = SSEDecoder()
                 async for raw in response.http_response.aiter_raw():
                     for kind, data in decoder.feed(raw):
+                        if kind == b"message_stop":
+                            break
                         try:
                             event = orjson.loads(data)
                         except orjson.JSONDecodeError:
                             raise UpstreamError(UPSTREAM, "upstream sent a malformed stream event") from None
                         for delta in parser.deltas(kind, event):
                             yield delta
-                        if kind == b"message_stop":
-                            return
         except (anthropic.APIError, OSError, httpx.HTTPError) as exc:
             raise sdk_error(exc, self.config, anthropic.APITimeoutError, anthropic.APIStatusError) from None
 

@@ -220,10 +220,14 @@ class OpenAIProvider(Provider):
                 model=model, messages=messages, **known, extra_body=body or None
             ) as response:
                 decoder = SSEDecoder()
+                done = False
                 async for raw in response.http_response.aiter_raw():
+                    if done:
+                        continue  # drain to the end of the body so the connection is reused
                     for _event, data in decoder.feed(raw):
                         if data == b"[DONE]":
-                            return
+                            done = True
+                            break
                         try:
                             chunk = orjson.loads(data)
                         except orjson.JSONDecodeError:

@@ -1,0 +1,226 @@
+"""The embedded store: one SQLite file in WAL mode.
+
+All writes go through one thread that drains whatever is queued into a single
+transaction (group commit): a thousand runs appending tokens cost a few commits
+per second, not one per token. Reads use their own connection and thread, so a
+watcher replaying a long run never waits behind the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..events import Event
+from .base import RECORD_FIELDS, TERMINAL, Key, RunRecord, StreamStore
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    tenant TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    completed_at REAL,
+    error_message TEXT,
+    metadata BLOB NOT NULL,
+    request BLOB NOT NULL,
+    priority INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    expires_at REAL,
+    event_count INTEGER NOT NULL,
+    PRIMARY KEY (tenant, message_id)
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
+CREATE INDEX IF NOT EXISTS runs_expiry ON runs (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    tenant TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (tenant, message_id, seq)
+) WITHOUT ROWID;
+"""
+
+_COLUMNS = ", ".join(RECORD_FIELDS)
+_PLACEHOLDERS = ", ".join("?" for _ in RECORD_FIELDS)
+_STOP = object()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a killed process loses nothing committed; only a power cut may lose the last commits.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def _row(record: RunRecord) -> tuple[Any, ...]:
+    values = []
+    for name in RECORD_FIELDS:
+        v = getattr(record, name)
+        values.append(orjson.dumps(v) if name == "metadata" else v)
+    return tuple(values)
+
+
+def _record(row: Sequence[Any]) -> RunRecord:
+    data = dict(zip(RECORD_FIELDS, row))
+    data["metadata"] = orjson.loads(data["metadata"])
+    data["request"] = bytes(data["request"])
+    return RunRecord(**data)
+
+
+class SQLiteStore(StreamStore):
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-read")
+        self._read_conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = _connect(self.path)
+        conn.executescript(_SCHEMA)
+        self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="sqlite-write", daemon=True)
+        self._writer.start()
+        self._read_conn = _connect(self.path)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._writer.join, 10)
+            self._writer = None
+        self._reader.shutdown(wait=True)
+        if self._read_conn is not None:
+            self._read_conn.close()
+
+    async def ping(self) -> str | None:
+        try:
+            await self._read(lambda c: c.execute("SELECT 1").fetchone())
+        except sqlite3.Error as exc:
+            return f"sqlite: {exc}"
+        return None
+
+    # --- plumbing ------------------------------------------------------------
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        while True:
+            item = self._queue.get()
+            batch = [item]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(i is _STOP for i in batch)
+            batch = [i for i in batch if i is not _STOP]
+            results: list[tuple[Future[Any], Any, BaseException | None]] = []
+            try:
+                conn.execute("BEGIN")
+                for fn, fut in batch:
+                    try:
+                        results.append((fut, fn(conn), None))
+                    except sqlite3.Error as exc:
+                        results.append((fut, None, exc))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                results = [(fut, None, exc) for _, fut in batch]
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            for fut, value, exc in results:
+                if exc is None:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(exc)
+            if stop:
+                conn.close()
+                return
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        fut: Future[Any] = Future()
+        self._queue.put((fn, fut))
+        return await asyncio.wrap_future(fut)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        conn = self._read_conn
+        assert conn is not None, "store is not open"
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, conn)
+
+    # --- records ----------------------------------------------------------------
+    async def create_run(self, record: RunRecord) -> bool:
+        row = _row(record)
+        return await self._write(
+            lambda c: c.execute(f"INSERT OR IGNORE INTO runs ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", row).rowcount == 1
+        )
+
+    async def get_run(self, tenant: str, message_id: str) -> RunRecord | None:
+        row = await self._read(
+            lambda c: c.execute(f"SELECT {_COLUMNS} FROM runs WHERE tenant = ? AND message_id = ?", (tenant, message_id)).fetchone()
+        )
+        return None if row is None else _record(row)
+
+    async def update_run(self, tenant: str, message_id: str, **changes: Any) -> None:
+        if not changes:
+            return
+        names = list(changes)
+        values = [orjson.dumps(changes[n]) if n == "metadata" else changes[n] for n in names]
+        sets = ", ".join(f"{n} = ?" for n in names)
+        await self._write(lambda c: c.execute(f"UPDATE runs SET {sets} WHERE tenant = ? AND message_id = ?", (*values, tenant, message_id)))
+
+    async def unfinished(self) -> list[RunRecord]:
+        marks = ", ".join("?" for _ in TERMINAL)
+        rows = await self._read(
+            lambda c: c.execute(f"SELECT {_COLUMNS} FROM runs WHERE status NOT IN ({marks}) ORDER BY created_at", tuple(TERMINAL)).fetchall()
+        )
+        return [_record(r) for r in rows]
+
+    async def _delete(self, key: Key) -> bool:
+        def delete(c: sqlite3.Connection) -> bool:
+            c.execute("DELETE FROM events WHERE tenant = ? AND message_id = ?", key)
+            return c.execute("DELETE FROM runs WHERE tenant = ? AND message_id = ?", key).rowcount == 1
+
+        return await self._write(delete)
+
+    async def _expire(self, now: float) -> list[Key]:
+        def expire(c: sqlite3.Connection) -> list[Key]:
+            keys = c.execute("SELECT tenant, message_id FROM runs WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)).fetchall()
+            c.executemany("DELETE FROM events WHERE tenant = ? AND message_id = ?", keys)
+            c.executemany("DELETE FROM runs WHERE tenant = ? AND message_id = ?", keys)
+            return [tuple(k) for k in keys]
+
+        return await self._write(expire)
+
+    # --- events -------------------------------------------------------------------
+    async def _persist(self, key: Key, events: Sequence[Event]) -> None:
+        tenant, message_id = key
+        rows = [(tenant, message_id, e.seq, e.type, e.data) for e in events]
+        await self._write(lambda c: c.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?)", rows))
+
+    async def _load_events(self, key: Key, after: int, limit: int) -> list[Event]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT seq, type, data FROM events WHERE tenant = ? AND message_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (*key, after, limit),
+            ).fetchall()
+        )
+        return [Event(seq, type_, None, bytes(data)) for seq, type_, data in rows]
+
+    async def _last_seq(self, key: Key) -> int:
+        row = await self._read(lambda c: c.execute("SELECT MAX(seq) FROM events WHERE tenant = ? AND message_id = ?", key).fetchone())
+        return row[0] or 0
