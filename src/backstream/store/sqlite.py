@@ -133,7 +133,13 @@ class SQLiteStore(StreamStore):
                 conn.execute("BEGIN")
                 for fn, fut in batch:
                     try:
-                        results.append((fut, fn(conn), None))
+                        value = fn(conn)
+                        if isinstance(value, sqlite3.Cursor):
+                            # A cursor freed later on the event loop thread would touch this
+                            # connection concurrently with the writer: close it here.
+                            value.close()
+                            value = None
+                        results.append((fut, value, None))
                     except sqlite3.Error as exc:
                         results.append((fut, None, exc))
                 conn.execute("COMMIT")

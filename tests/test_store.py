@@ -1,0 +1,168 @@
+"""The StreamStore contract, run against every backend (a real SQLite file; Redis in test_redis_store)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from backstream.events import Event
+from backstream.store import RunRecord, StreamStore
+from backstream.store.memory import MemoryStore
+from backstream.store.sqlite import SQLiteStore
+
+StoreFactory = Callable[[], StreamStore]
+
+
+def make_factory(kind: str, tmp_path: Path) -> StoreFactory:
+    if kind == "memory":
+        shared = MemoryStore()
+        return lambda: shared
+    if kind == "sqlite":
+        return lambda: SQLiteStore(tmp_path / "store.db")
+    from tests.test_redis_store import redis_factory
+
+    return redis_factory()
+
+
+BACKENDS = ["memory", "sqlite"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def factory(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    yield make_factory(request.param, tmp_path)
+
+
+@pytest.fixture()
+async def store(factory: StoreFactory) -> AsyncIterator[StreamStore]:
+    s = factory()
+    await s.open()
+    yield s
+    await s.close()
+
+
+def events(mid: str, start: int, n: int, last: bool = False) -> list[Event]:
+    out = [Event.build(start + i, "text_delta", mid, delta=f"d{start + i}") for i in range(n)]
+    if last:
+        out[-1] = Event.build(start + n - 1, "stream_end", mid, finish_reason="Stop")
+    return out
+
+
+def record(mid: str, tenant: str = "t1", **kw: object) -> RunRecord:
+    return RunRecord(tenant=tenant, message_id=mid, request=b'{"messages": []}', **kw)  # type: ignore[arg-type]
+
+
+async def test_create_get_update(store: StreamStore) -> None:
+    r = record("m1", metadata={"model": "gpt", "priority": 3}, priority=3, model="gpt")
+    assert await store.create_run(r) is True
+    assert await store.create_run(record("m1")) is False, "an existing id is not overwritten"
+    got = await store.get_run("t1", "m1")
+    assert got is not None
+    assert (got.status, got.metadata, got.priority, got.model, got.request) == ("pending", {"model": "gpt", "priority": 3}, 3, "gpt", b'{"messages": []}')
+    assert abs(got.created_at - time.time()) < 5
+    await store.update_run("t1", "m1", status="completed", completed_at=123.0, error_message=None, metadata={"usage": {"a": 1}})
+    got = await store.get_run("t1", "m1")
+    assert got is not None and got.status == "completed" and got.completed_at == 123.0 and got.metadata == {"usage": {"a": 1}}
+    assert await store.get_run("t1", "nope") is None
+
+
+async def test_tenants_are_separate(store: StreamStore) -> None:
+    assert await store.create_run(record("same", tenant="a"))
+    assert await store.create_run(record("same", tenant="b")), "the same id in another tenant is another run"
+    await store.append("a", "same", events("same", 1, 3))
+    assert len(await store.read("a", "same")) == 3
+    assert await store.read("b", "same") == []
+    assert await store.get_run("c", "same") is None
+    assert await store.delete_run("b", "same")
+    assert await store.get_run("a", "same") is not None
+
+
+async def test_append_read_after_cursor(store: StreamStore) -> None:
+    await store.create_run(record("m2"))
+    await store.append("t1", "m2", events("m2", 1, 5))
+    await store.append("t1", "m2", events("m2", 6, 5, last=True))
+    got = await store.read("t1", "m2", after=0)
+    assert [e.seq for e in got] == list(range(1, 11))
+    assert got[0].frame_bytes().startswith(b"id: 1\nevent: text_delta\ndata: {")
+    assert [e.seq for e in await store.read("t1", "m2", after=7)] == [8, 9, 10]
+    assert [e.seq for e in await store.read("t1", "m2", after=2, limit=3)] == [3, 4, 5]
+    assert await store.read("t1", "m2", after=10) == []
+    assert await store.last_seq("t1", "m2") == 10
+
+
+async def test_events_survive_reopen_and_cold_reads_match(factory: StoreFactory, request: pytest.FixtureRequest) -> None:
+    s1 = factory()
+    await s1.open()
+    await s1.create_run(record("m3"))
+    await s1.append("t1", "m3", events("m3", 1, 20, last=True))
+    hot = [(e.seq, e.type, e.data) for e in await s1.read("t1", "m3")]
+    await s1.close()
+    s2 = factory()
+    await s2.open()
+    try:
+        cold = [(e.seq, e.type, e.data) for e in await s2.read("t1", "m3")]
+        assert cold == hot
+        assert await s2.last_seq("t1", "m3") == 20
+    finally:
+        await s2.close()
+
+
+async def test_wait_wakes_on_append_and_times_out(store: StreamStore) -> None:
+    await store.create_run(record("m4"))
+    waiter = asyncio.create_task(store.wait("t1", "m4", 0, timeout=5))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    t0 = time.monotonic()
+    await store.append("t1", "m4", events("m4", 1, 1))
+    assert await waiter is True
+    assert time.monotonic() - t0 < 0.5
+    assert await store.wait("t1", "m4", 1, timeout=0.1) is False
+    assert await store.wait("t1", "m4", 0, timeout=0.1) is True, "already past the cursor"
+
+
+async def test_delete_wakes_waiters_and_removes_everything(store: StreamStore) -> None:
+    await store.create_run(record("m5"))
+    await store.append("t1", "m5", events("m5", 1, 3))
+    waiter = asyncio.create_task(store.wait("t1", "m5", 3, timeout=5))
+    await asyncio.sleep(0.05)
+    assert await store.delete_run("t1", "m5") is True
+    assert await asyncio.wait_for(waiter, 2) is True
+    assert await store.get_run("t1", "m5") is None
+    assert await store.read("t1", "m5") == []
+    assert await store.delete_run("t1", "m5") is False
+
+
+async def test_expire_only_removes_expired(store: StreamStore) -> None:
+    now = time.time()
+    await store.create_run(record("old", status="completed", expires_at=now - 1))
+    await store.create_run(record("new", status="completed", expires_at=now + 100))
+    await store.create_run(record("live"))
+    await store.append("t1", "old", events("old", 1, 2))
+    assert await store.expire(now) == 1
+    assert await store.get_run("t1", "old") is None and await store.read("t1", "old") == []
+    assert await store.get_run("t1", "new") is not None and await store.get_run("t1", "live") is not None
+
+
+async def test_unfinished_lists_pending_and_processing(store: StreamStore) -> None:
+    await store.create_run(record("p"))
+    await store.create_run(record("r", status="processing"))
+    await store.create_run(record("d", status="completed"))
+    await store.create_run(record("x", status="error"))
+    assert sorted(r.message_id for r in await store.unfinished() if r.tenant == "t1") == ["p", "r"]
+
+
+async def test_many_runs_appending_concurrently(store: StreamStore) -> None:
+    n_runs, per_run = 50, 40
+    for i in range(n_runs):
+        await store.create_run(record(f"c{i}"))
+
+    async def produce(i: int) -> None:
+        for seq in range(1, per_run + 1):
+            await store.append("t1", f"c{i}", events(f"c{i}", seq, 1))
+
+    await asyncio.gather(*(produce(i) for i in range(n_runs)))
+    for i in range(n_runs):
+        assert [e.seq for e in await store.read("t1", f"c{i}", limit=1000)] == list(range(1, per_run + 1))
