@@ -89,6 +89,12 @@ class Reply:
     # Extras (not in the original brief): override the error body of a non-200 reply.
     error_type: str | None = None
     error_message: str | None = None
+    # Benchmarks: STAMP in a token is replaced, when that chunk is sent, by time.monotonic_ns()
+    # (20 digits), so a watcher can measure upstream-send -> watcher-receive latency.
+    stamp: bool = False
+
+
+STAMP = b"@" * 20
 
 
 @dataclass
@@ -194,7 +200,7 @@ def _anthropic_error_body(status: int, etype: str | None = None, message: str | 
 
 # ------------------------------------------------------------------ spec strings
 
-_SPEC_KEYS = {"tokens", "ttft_ms", "delay_ms", "status", "reasoning", "fault", "fault_after", "finish"}
+_SPEC_KEYS = {"tokens", "ttft_ms", "delay_ms", "status", "reasoning", "fault", "fault_after", "finish", "stamp"}
 
 
 def parse_spec(model: str | None) -> Reply | None:
@@ -229,6 +235,9 @@ def parse_spec(model: str | None) -> Reply | None:
             reply.fault_after = int(kv["fault_after"])
         if "finish" in kv:
             reply.finish_reason = kv["finish"]
+        if kv.get("stamp") == "1":
+            reply.stamp = True
+            reply.tokens = [f" {STAMP.decode()}" for _ in reply.tokens]
     except ValueError:
         return None
     return reply
@@ -1229,6 +1238,8 @@ class FakeUpstream:
                     if outcome is not None:
                         return outcome
                 sent += 1
+                if reply.stamp:
+                    data = data.replace(STAMP, b"%020d" % time.monotonic_ns())
             out.append(data)
         if sent == 0 and ttft > 0:
             await flush()

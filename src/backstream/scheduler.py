@@ -21,7 +21,7 @@ from .errors import ApiError, not_found
 from .events import Event, new_ulid
 from .models import ModelTable
 from .schema import ChatRequest
-from .store import RunRecord, StreamStore
+from .store import FencedOut, RunRecord, StreamStore
 
 log = logging.getLogger("backstream.scheduler")
 
@@ -51,6 +51,8 @@ class _StoreSink:
         self._task = asyncio.create_task(self._flush_loop())
 
     def add(self, event: Event) -> None:
+        if self._task.done() and self._task.exception() is not None:
+            raise self._task.exception()  # type: ignore[misc]  # storing failed (e.g. fenced out): stop the run
         if event.type != "stream_end":
             if self.count + 1 >= self.max_events:
                 raise LimitExceeded(f"the run exceeded runs.max_events ({self.max_events} events)")
@@ -97,26 +99,39 @@ class RunScheduler:
         self.models = models
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{new_ulid()}"
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._records: dict[tuple[str, str], RunRecord] = {}
         self._cancelling: set[tuple[str, str]] = set()
+        self._abandoned: set[tuple[str, str]] = set()
         self._pending = 0
         self._sweeper: asyncio.Task[None] | None = None
-        self._stopping = False
+        self.stopping = False
+        if settings.store == "redis":
+            from .dispatch import RedisDispatcher
+
+            self.dispatcher: Any = RedisDispatcher(settings, store, self)  # type: ignore[arg-type]
+        else:
+            from .dispatch import LocalDispatcher
+
+            self.dispatcher = LocalDispatcher(self)
 
     @property
-    def pending(self) -> int:
+    def local_pending(self) -> int:
         return self._pending
 
     @property
     def active(self) -> int:
         return len(self._tasks)
 
+    def local_records(self) -> list[RunRecord]:
+        return list(self._records.values())
+
     async def start(self) -> None:
-        await self.recover()
+        await self.dispatcher.start()
         self._sweeper = asyncio.create_task(self._sweep_loop())
 
     async def stop(self) -> None:
-        """Graceful shutdown: queued runs stay pending (they restart with the server), running ones end with error."""
-        self._stopping = True
+        """Graceful shutdown: queued runs stay queued (they restart with the server), running ones end with error."""
+        self.stopping = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         tasks = list(self._tasks.values())
@@ -124,11 +139,13 @@ class RunScheduler:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=10)
+        await self.dispatcher.stop()
 
-    # --- submit --------------------------------------------------------------
+    # --- submit and launch ---------------------------------------------------------
     async def submit(self, tenant: str, message_id: str, chat: ChatRequest, config: ModelConfig, raw_request: bytes) -> RunRecord:
-        if self._pending >= self.settings.runs.queue_limit:
-            raise ApiError(429, "rate_limit_error", f"the run queue is full ({self._pending} runs waiting); retry later", headers={"retry-after": "1"})
+        pending = await self.dispatcher.pending()
+        if pending >= self.settings.runs.queue_limit:
+            raise ApiError(429, "rate_limit_error", f"the run queue is full ({pending} runs waiting); retry later", headers={"retry-after": "1"})
         now = time.time()
         record = RunRecord(
             tenant=tenant,
@@ -143,14 +160,32 @@ class RunScheduler:
         )
         if not await self.store.create_run(record):
             raise ApiError(409, "conflict_error", f"a run with message_id {message_id!r} already exists")
-        self._spawn(record, chat, config)
+        await self.dispatcher.enqueue(record, chat, config)
         return record
 
-    def _spawn(self, record: RunRecord, chat: ChatRequest, config: ModelConfig) -> None:
+    def launch(self, record: RunRecord, chat: ChatRequest, config: ModelConfig) -> None:
         self._pending += 1
         task = asyncio.create_task(self._execute(record, chat, config), name=f"run:{record.message_id}")
         self._tasks[record.key] = task
-        task.add_done_callback(lambda _t, key=record.key: self._tasks.pop(key, None))
+        self._records[record.key] = record
+        task.add_done_callback(lambda _t, key=record.key: self._forget_task(key))
+
+    def launch_from_record(self, record: RunRecord) -> None:
+        """Start a stored run (after a restart or a claim by another process)."""
+        try:
+            chat = ChatRequest.model_validate_json(record.request)
+            config = self.models.resolve(chat.model)
+        except (ValueError, ApiError) as exc:
+            asyncio.get_running_loop().create_task(
+                self.end_orphan(record, "Error", {"type": "api_error", "message": f"cannot start the run: {exc}"}, claimed=True)
+            )
+            return
+        self.launch(record, chat, config)
+
+    def _forget_task(self, key: tuple[str, str]) -> None:
+        self._tasks.pop(key, None)
+        self._records.pop(key, None)
+        self._abandoned.discard(key)
 
     async def _execute(self, record: RunRecord, chat: ChatRequest, config: ModelConfig) -> None:
         runs = self.settings.runs
@@ -173,37 +208,54 @@ class RunScheduler:
                 sink.add(run.end_event("Error", {"type": "limit_exceeded", "message": str(exc)}))
         except asyncio.CancelledError:
             await events.aclose()
-            if self._stopping and record.key not in self._cancelling:
+            if record.key in self._abandoned:
+                pass
+            elif self.stopping and record.key not in self._cancelling:
                 sink.add(run.end_event("Error", {"type": "api_error", "message": SHUTDOWN_MESSAGE}))
             else:
                 sink.add(run.end_event("Cancelled"))
+        except FencedOut:
+            await events.aclose()
+            self._abandoned.add(record.key)
+            log.warning("run %s was taken over by another replica; stopped here", record.message_id)
         finally:
             if not started:
                 self._pending -= 1
             await self._finish(record, run, sink)
 
     async def _finish(self, record: RunRecord, run: Run, sink: _StoreSink) -> None:
+        abandoned = record.key in self._abandoned
         try:
             await sink.close()
+        except FencedOut:
+            abandoned = True
         except Exception:
             log.exception("run %s: storing events failed", record.message_id)
-        status, error_message = _status_for(run)
-        now = time.time()
-        metadata = {**record.metadata, "event_count": run.seq, "usage": run.usage}
-        await self.store.update_run(
-            *record.key,
-            status=status,
-            updated_at=now,
-            completed_at=now,
-            error_message=error_message,
-            expires_at=now + self.settings.runs.retention_s,
-            event_count=run.seq,
-            metadata=metadata,
-        )
-        log.info(
-            "run %s %s finish=%s events=%d correlation_id=%s", record.message_id, status, run.finish_reason, run.seq, run.request.correlation_id
-        )
-        asyncio.get_running_loop().call_later(FORGET_AFTER_S, self.store.forget, *record.key)
+        try:
+            if not abandoned:
+                status, error_message = _status_for(run)
+                now = time.time()
+                metadata = {**record.metadata, "event_count": run.seq, "usage": run.usage}
+                await self.store.update_run(
+                    *record.key,
+                    status=status,
+                    updated_at=now,
+                    completed_at=now,
+                    error_message=error_message,
+                    expires_at=now + self.settings.runs.retention_s,
+                    event_count=run.seq,
+                    metadata=metadata,
+                )
+                log.info(
+                    "run %s %s finish=%s events=%d correlation_id=%s",
+                    record.message_id, status, run.finish_reason, run.seq, run.request.correlation_id,
+                )
+                await self.dispatcher.finished(record)
+        except FencedOut:
+            log.warning("run %s was taken over by another replica before it ended here", record.message_id)
+        finally:
+            self.store.release(*record.key)
+            asyncio.get_running_loop().call_later(FORGET_AFTER_S, self.store.forget, *record.key)
 
     # --- control -------------------------------------------------------------------
     async def cancel(self, tenant: str, message_id: str) -> RunRecord:
@@ -217,16 +269,30 @@ class RunScheduler:
         key = (tenant, message_id)
         task = self._tasks.get(key)
         if task is not None:
-            if key not in self._cancelling:
-                self._cancelling.add(key)
-                task.cancel()
+            self.cancel_local(tenant, message_id)
             try:
                 await asyncio.shield(asyncio.wait({task}))
             finally:
                 self._cancelling.discard(key)
         else:
-            await self._end_orphan(record, "Cancelled", None)
+            await self.dispatcher.cancel_elsewhere(record)
         return (await self.store.get_run(tenant, message_id)) or record
+
+    def cancel_local(self, tenant: str, message_id: str) -> None:
+        """Cancel a run if this process executes it (also on request of another replica)."""
+        key = (tenant, message_id)
+        task = self._tasks.get(key)
+        if task is not None and key not in self._cancelling:
+            self._cancelling.add(key)
+            task.cancel()
+
+    def abandon_local(self, tenant: str, message_id: str) -> None:
+        """Stop a run another replica has taken over, writing nothing more."""
+        key = (tenant, message_id)
+        task = self._tasks.get(key)
+        if task is not None:
+            self._abandoned.add(key)
+            task.cancel()
 
     async def delete(self, tenant: str, message_id: str) -> None:
         record = await self.store.get_run(tenant, message_id)
@@ -236,43 +302,43 @@ class RunScheduler:
             with contextlib.suppress(ApiError):
                 await self.cancel(tenant, message_id)
         await self.store.delete_run(tenant, message_id)
+        await self.dispatcher.deleted(record)
 
-    async def _end_orphan(self, record: RunRecord, finish_reason: str, error: dict[str, str] | None) -> None:
+    async def end_orphan(self, record: RunRecord, finish_reason: str, error: dict[str, str] | None, claimed: bool = False) -> None:
         """End a run no task of ours is executing: append its stream_end and set a terminal status."""
-        last = await self.store.last_seq(*record.key)
-        fields: dict[str, Any] = {"finish_reason": finish_reason, "usage": record.metadata.get("usage") or {}, "citations": None}
-        if error:
-            fields["error"] = error
-        await self.store.append(*record.key, [Event.build(last + 1, "stream_end", record.message_id, **fields)])
-        now = time.time()
-        status = "cancelled" if finish_reason == "Cancelled" else "error"
-        await self.store.update_run(
-            *record.key,
-            status=status,
-            updated_at=now,
-            completed_at=now,
-            error_message=error["message"] if error else None,
-            expires_at=now + self.settings.runs.retention_s,
-            event_count=last + 1,
-        )
+        if not claimed:
+            await self.store.claim(*record.key)
+        try:
+            last = await self.store.last_seq(*record.key)
+            fields: dict[str, Any] = {"finish_reason": finish_reason, "usage": record.metadata.get("usage") or {}, "citations": None}
+            if error:
+                fields["error"] = error
+            await self.store.append(*record.key, [Event.build(last + 1, "stream_end", record.message_id, **fields)])
+            now = time.time()
+            status = "cancelled" if finish_reason == "Cancelled" else "error"
+            await self.store.update_run(
+                *record.key,
+                status=status,
+                updated_at=now,
+                completed_at=now,
+                error_message=error["message"] if error else None,
+                expires_at=now + self.settings.runs.retention_s,
+                event_count=last + 1,
+            )
+        finally:
+            self.store.release(*record.key)
 
     # --- recovery and retention ---------------------------------------------------------
-    async def recover(self) -> None:
+    async def recover_local(self) -> None:
         """After a restart: runs that never produced an event start again; runs cut off mid-stream end as error."""
         for record in await self.store.unfinished():
             last = await self.store.last_seq(*record.key)
             if last == 0:
-                try:
-                    chat = ChatRequest.model_validate_json(record.request)
-                    config = self.models.resolve(chat.model)
-                except (ValueError, ApiError) as exc:
-                    await self._end_orphan(record, "Error", {"type": "api_error", "message": f"cannot restart the run: {exc}"})
-                    continue
                 await self.store.update_run(*record.key, status="pending", owner=self.owner, updated_at=time.time())
-                self._spawn(record.changed(owner=self.owner), chat, config)
+                self.launch_from_record(record.changed(owner=self.owner))
                 log.info("run %s requeued after restart", record.message_id)
             else:
-                await self._end_orphan(record, "Error", {"type": "api_error", "message": CRASH_MESSAGE})
+                await self.end_orphan(record, "Error", {"type": "api_error", "message": CRASH_MESSAGE})
                 log.warning("run %s was in flight when the server stopped; ended with error", record.message_id)
 
     async def _sweep_loop(self) -> None:

@@ -8,7 +8,7 @@ to them only after the backend has made it durable.
 from __future__ import annotations
 
 from ..config import Settings
-from .base import TERMINAL, RunRecord, StreamStore
+from .base import TERMINAL, FencedOut, RunRecord, StreamStore
 
 
 def create_store(settings: Settings) -> StreamStore:
@@ -22,7 +22,7 @@ def create_store(settings: Settings) -> StreamStore:
         return SQLiteStore(settings.data_path / "backstream.db")
     from .redis import RedisStore
 
-    return RedisStore(settings.redis.url, settings.redis.key_prefix)
+    return RedisStore(settings.redis.url, settings.redis.key_prefix, settings.runs.max_events)
 
 
-__all__ = ["TERMINAL", "RunRecord", "StreamStore", "create_store"]
+__all__ = ["TERMINAL", "FencedOut", "RunRecord", "StreamStore", "create_store"]

@@ -23,6 +23,10 @@ Key = tuple[str, str]  # (tenant, message_id)
 TAIL_MAX = 8192  # events per run kept in memory; older ones are read from the backend
 
 
+class FencedOut(Exception):
+    """This process no longer owns the run: another one took it over."""
+
+
 @dataclass
 class RunRecord:
     tenant: str
@@ -89,6 +93,18 @@ class StreamStore:
     async def ping(self) -> str | None:
         """Readiness: None when usable, else a reason."""
         return None
+
+    # --- ownership (fencing matters only when several processes share a store) ----
+    async def claim(self, tenant: str, message_id: str) -> int:
+        """Become the only writer of a run; returns the fencing token."""
+        return 0
+
+    def release(self, tenant: str, message_id: str) -> None:
+        return None
+
+    def wake(self, tenant: str, message_id: str) -> None:
+        """Wake a run's watchers so they re-check it (it was deleted elsewhere)."""
+        self._drop_tail((tenant, message_id))
 
     # --- run records (backend) ---------------------------------------------------
     async def create_run(self, record: RunRecord) -> bool:

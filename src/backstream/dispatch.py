@@ -1,0 +1,270 @@
+"""Who executes a background run, and when.
+
+`LocalDispatcher` (memory and SQLite stores): one process; a run starts at once and
+waits inside the run loop for its model's slot (`ModelSlots`: priority, then arrival).
+
+`RedisDispatcher` (Redis store): several replicas. Per model, queued runs sit in a
+sorted set ordered by (priority, arrival) and executing runs in another whose
+scores are lease deadlines. A Lua script claims the head of the queue only while
+fewer than `max_concurrency` live leases exist, so the limit and the priority
+order hold across all replicas. Replicas renew their leases; a survivor reaps
+expired ones and takes the runs over (fencing the old owner out of the store).
+Cancel and delete reach the executing replica over pub/sub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from .config import Settings
+from .store import RunRecord
+
+if TYPE_CHECKING:
+    from .scheduler import RunScheduler
+    from .store.redis import RedisStore
+
+log = logging.getLogger("backstream.dispatch")
+
+_CLAIM = """
+local live = redis.call('ZCOUNT', KEYS[2], ARGV[1], '+inf')
+if live >= tonumber(ARGV[3]) then return false end
+local top = redis.call('ZRANGE', KEYS[1], 0, 0)
+if #top == 0 then return false end
+redis.call('ZREM', KEYS[1], top[1])
+redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[2]), top[1])
+return top[1]
+"""
+_REAP = """
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+if #dead > 0 then redis.call('ZREM', KEYS[1], unpack(dead)) end
+return dead
+"""
+_PRIORITY_SPAN = 10**13  # ms timestamps stay below this for centuries: score = priority * span + arrival
+
+
+def member(record: RunRecord) -> str:
+    return f"{record.tenant}/{record.message_id}"
+
+
+def _split(m: bytes | str) -> tuple[str, str]:
+    text = m.decode() if isinstance(m, bytes) else m
+    tenant, _, mid = text.partition("/")
+    return tenant, mid
+
+
+class LocalDispatcher:
+    def __init__(self, scheduler: RunScheduler) -> None:
+        self.scheduler = scheduler
+
+    async def start(self) -> None:
+        await self.scheduler.recover_local()
+
+    async def stop(self) -> None:
+        return None
+
+    async def enqueue(self, record: RunRecord, chat: Any, config: Any) -> None:
+        self.scheduler.launch(record, chat, config)
+
+    async def pending(self) -> int:
+        return self.scheduler.local_pending
+
+    async def finished(self, record: RunRecord) -> None:
+        return None
+
+    async def cancel_elsewhere(self, record: RunRecord) -> None:
+        # Nobody else can be executing it: end it here.
+        await self.scheduler.end_orphan(record, "Cancelled", None)
+
+    async def deleted(self, record: RunRecord) -> None:
+        return None
+
+
+class RedisDispatcher:
+    def __init__(self, settings: Settings, store: RedisStore, scheduler: RunScheduler) -> None:
+        self.settings = settings
+        self.store = store
+        self.scheduler = scheduler
+        self.redis = store.redis
+        self.prefix = settings.redis.key_prefix
+        self.lease_ms = int(settings.redis.lease_s * 1000)
+        self.capacity = {m.name: m.max_concurrency for m in settings.models}
+        self._kick = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pubsub: Any = None
+
+    def queue_key(self, model: str) -> str:
+        return f"{self.prefix}:queue:{{{model}}}"
+
+    def running_key(self, model: str) -> str:
+        return f"{self.prefix}:running:{{{model}}}"
+
+    @property
+    def control_channel(self) -> str:
+        return f"{self.prefix}:control"
+
+    # --- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        self._claim = self.redis.register_script(_CLAIM)
+        self._reap = self.redis.register_script(_REAP)
+        self._pubsub = self.redis.pubsub()
+        await self._pubsub.subscribe(self.control_channel)
+        self._tasks = [
+            asyncio.create_task(self._listen()),
+            asyncio.create_task(self._dispatch_loop()),
+            asyncio.create_task(self._lease_loop()),
+        ]
+        self._kick.set()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, RedisError):
+                await t
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError):
+                await self._pubsub.aclose()
+
+    async def _publish(self, op: str, record: RunRecord, **extra: Any) -> None:
+        await self.redis.publish(self.control_channel, orjson.dumps({"op": op, "tenant": record.tenant, "id": record.message_id, **extra}))
+
+    # --- queue ------------------------------------------------------------------------
+    async def enqueue(self, record: RunRecord, chat: Any = None, config: Any = None) -> None:
+        score = record.priority * _PRIORITY_SPAN + int(record.created_at * 1000)
+        await self.redis.zadd(self.queue_key(record.model), {member(record): score})
+        await self._publish("work", record)
+
+    async def pending(self) -> int:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model in self.capacity:
+                pipe.zcard(self.queue_key(model))
+            return sum(await pipe.execute())
+
+    async def finished(self, record: RunRecord) -> None:
+        await self.redis.zrem(self.running_key(record.model), member(record))
+        await self._publish("work", record)
+
+    async def deleted(self, record: RunRecord) -> None:
+        await self.redis.zrem(self.queue_key(record.model), member(record))
+        await self._publish("deleted", record)
+
+    async def cancel_elsewhere(self, record: RunRecord) -> None:
+        """Cancel a run this replica is not executing."""
+        if await self.redis.zrem(self.queue_key(record.model), member(record)):
+            await self.scheduler.end_orphan(record, "Cancelled", None)  # it was still queued: nobody else has it
+            return
+        await self._publish("cancel", record)
+        deadline = time.monotonic() + max(2.0, self.settings.redis.lease_s)
+        while time.monotonic() < deadline:
+            current = await self.store.get_run(record.tenant, record.message_id)
+            if current is None or current.terminal:
+                return
+            await self.store.wait(record.tenant, record.message_id, await self.store.last_seq(record.tenant, record.message_id), 0.5)
+        # The executing replica did not answer: it is gone; end the run ourselves.
+        current = await self.store.get_run(record.tenant, record.message_id)
+        if current is not None and not current.terminal:
+            await self.scheduler.end_orphan(current, "Cancelled", None)
+
+    # --- loops --------------------------------------------------------------------------
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async for message in self._pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    data = orjson.loads(message["data"])
+                    op, key = data["op"], (data["tenant"], data["id"])
+                    if op == "work":
+                        self._kick.set()
+                    elif op == "cancel":
+                        self.scheduler.cancel_local(*key)
+                    elif op == "deleted":
+                        self.store.wake(*key)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, ValueError) as exc:
+                log.warning("control channel failed (%s); resubscribing", exc)
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(RedisError):
+                    await self._pubsub.subscribe(self.control_channel)
+
+    async def _dispatch_loop(self) -> None:
+        # Woken by "work" messages; the timeout is only a safety net for a lost message.
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.settings.redis.lease_s / 3)
+            self._kick.clear()
+            try:
+                await self._claim_all()
+            except RedisError as exc:
+                log.warning("claiming runs failed: %s", exc)
+
+    async def _claim_all(self) -> None:
+        for model, capacity in self.capacity.items():
+            while not self.scheduler.stopping:
+                now = int(time.time() * 1000)
+                won = await self._claim(keys=[self.queue_key(model), self.running_key(model)], args=[now, self.lease_ms, capacity])
+                if not won:
+                    break
+                await self._start_claimed(model, *_split(won))
+
+    async def _start_claimed(self, model: str, tenant: str, mid: str) -> None:
+        record = await self.store.get_run(tenant, mid)
+        if record is None or record.terminal:  # deleted or ended while queued
+            await self.redis.zrem(self.running_key(model), f"{tenant}/{mid}")
+            return
+        await self.store.claim(tenant, mid)
+        await self.store.update_run(tenant, mid, owner=self.scheduler.owner)
+        self.scheduler.launch_from_record(record.changed(owner=self.scheduler.owner))
+
+    async def _lease_loop(self) -> None:
+        interval = self.settings.redis.lease_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew()
+                await self._reap_expired()
+            except RedisError as exc:
+                log.warning("lease upkeep failed: %s", exc)
+
+    async def _renew(self) -> None:
+        records = self.scheduler.local_records()
+        if not records:
+            return
+        deadline = int(time.time() * 1000) + self.lease_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for r in records:
+                pipe.zadd(self.running_key(r.model), {member(r): deadline}, xx=True, ch=True)
+            results = await pipe.execute()
+        for r, changed in zip(records, results):
+            if not changed:  # our lease was reaped: another replica took the run over
+                log.warning("run %s was taken over by another replica; stopping it here", r.message_id)
+                self.scheduler.abandon_local(r.tenant, r.message_id)
+
+    async def _reap_expired(self) -> None:
+        now = int(time.time() * 1000)
+        for model in self.capacity:
+            dead = await self._reap(keys=[self.running_key(model)], args=[now])
+            for m in dead or ():
+                await self._take_over(*_split(m))
+
+    async def _take_over(self, tenant: str, mid: str) -> None:
+        record = await self.store.get_run(tenant, mid)
+        if record is None or record.terminal:
+            return
+        await self.store.claim(tenant, mid)  # fence the presumed-dead owner out
+        if await self.store.last_seq(tenant, mid) == 0:
+            self.store.release(tenant, mid)
+            log.info("run %s requeued: its replica stopped before the first event", mid)
+            await self.enqueue(record)
+        else:
+            log.warning("run %s ended with error: its replica stopped mid-stream", mid)
+            await self.scheduler.end_orphan(record, "Error", {"type": "api_error", "message": "the replica running this run stopped"}, claimed=True)
+        self._kick.set()

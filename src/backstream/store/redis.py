@@ -1,0 +1,298 @@
+"""The Redis store, for several replicas sharing one Redis.
+
+Per run (all keys share the hash tag `{tenant/id}`, so Redis Cluster works):
+  `…:meta`   a hash with the run record and its fencing token
+  `…:events` a stream; entry id `<seq>-0` is the SSE position, fields t (type) and d (data)
+Writes into a run are fenced: only the replica holding the current token may append
+or update it, so a replica presumed dead cannot write after its run was taken over.
+Watchers of runs executed elsewhere block on the streams with one multiplexed
+XREAD per replica (interrupted with CLIENT UNBLOCK when the set of streams changes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from ..events import Event
+from .base import RECORD_FIELDS, TERMINAL, FencedOut, Key, RunRecord, StreamStore, _Tail
+
+log = logging.getLogger("backstream.store.redis")
+
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+# ARGV: fence ('' = unfenced), pexpireat ms ('' = none), field, value, ...
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if ARGV[2] ~= '' then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+  redis.call('PEXPIREAT', KEYS[2], ARGV[2])
+end
+return 1
+"""
+# ARGV: fence, maxlen, then (id, type, data) triples
+_APPEND = """
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return redis.error_reply('FENCED') end
+for i = 3, #ARGV, 3 do
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], ARGV[i], 't', ARGV[i + 1], 'd', ARGV[i + 2])
+end
+return 1
+"""
+_NULLABLE = {"completed_at", "error_message", "expires_at"}
+_FLOATS = {"created_at", "updated_at", "completed_at", "expires_at"}
+_INTS = {"priority", "event_count"}
+
+
+def _encode(name: str, value: Any) -> bytes | str:
+    if value is None:
+        return ""
+    if name == "metadata":
+        return orjson.dumps(value)
+    if isinstance(value, bytes):
+        return value
+    return str(value)
+
+
+def _decode(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in RECORD_FIELDS:
+        v = raw.get(name.encode())
+        if v is None:
+            continue
+        if name in _NULLABLE and v == b"":
+            out[name] = None
+        elif name == "metadata":
+            out[name] = orjson.loads(v)
+        elif name == "request":
+            out[name] = v
+        elif name in _FLOATS:
+            out[name] = float(v)
+        elif name in _INTS:
+            out[name] = int(v)
+        else:
+            out[name] = v.decode()
+    return out
+
+
+class RedisStore(StreamStore):
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str, max_events: int = 100_000) -> None:
+        super().__init__()
+        self.url = url
+        self.prefix = prefix
+        self.max_events = max_events
+        self.redis = aioredis.from_url(url)
+        self._block = aioredis.from_url(url, single_connection_client=True)
+        self._fences: dict[Key, int] = {}
+        self._followed: dict[Key, int] = {}  # remote runs with waiters -> cursor to follow from
+        self._follower: asyncio.Task[None] | None = None
+        self._block_id: int | None = None
+        self._follow_changed = asyncio.Event()
+
+    # --- keys --------------------------------------------------------------------
+    def meta_key(self, key: Key) -> str:
+        return f"{self.prefix}:run:{{{key[0]}/{key[1]}}}:meta"
+
+    def events_key(self, key: Key) -> str:
+        return f"{self.prefix}:run:{{{key[0]}/{key[1]}}}:events"
+
+    def _key_of(self, events_key: bytes) -> Key:
+        inner = events_key.decode().split("{", 1)[1].rsplit("}", 1)[0]
+        tenant, _, mid = inner.partition("/")
+        return (tenant, mid)
+
+    # --- lifecycle ----------------------------------------------------------------
+    async def open(self) -> None:
+        await self.redis.ping()
+        self._create = self.redis.register_script(_CREATE)
+        self._update = self.redis.register_script(_UPDATE)
+        self._append = self.redis.register_script(_APPEND)
+        self._follower = asyncio.create_task(self._follow_loop())
+
+    async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError):
+                await self._follower
+        await self._block.aclose()
+        await self.redis.aclose()
+
+    async def ping(self) -> str | None:
+        try:
+            await self.redis.ping()
+        except RedisError as exc:
+            return f"redis: {exc}"
+        return None
+
+    # --- ownership -------------------------------------------------------------------
+    async def claim(self, tenant: str, message_id: str) -> int:
+        """Take ownership of a run: bump its fencing token; the previous owner's writes now fail."""
+        key = (tenant, message_id)
+        fence = int(await self.redis.hincrby(self.meta_key(key), "fence", 1))
+        self._fences[key] = fence
+        return fence
+
+    def release(self, tenant: str, message_id: str) -> None:
+        self._fences.pop((tenant, message_id), None)
+
+    # --- records --------------------------------------------------------------------
+    async def create_run(self, record: RunRecord) -> bool:
+        args: list[Any] = []
+        for name in RECORD_FIELDS:
+            args += [name, _encode(name, getattr(record, name))]
+        args += ["fence", "0"]
+        return bool(await self._create(keys=[self.meta_key(record.key)], args=args))
+
+    async def get_run(self, tenant: str, message_id: str) -> RunRecord | None:
+        raw = await self.redis.hgetall(self.meta_key((tenant, message_id)))
+        if not raw:
+            return None
+        return RunRecord(**_decode(raw))
+
+    async def update_run(self, tenant: str, message_id: str, **changes: Any) -> None:
+        key = (tenant, message_id)
+        fence = self._fences.get(key)
+        expire_ms = ""
+        if changes.get("expires_at") is not None and changes.get("status") in TERMINAL:
+            expire_ms = str(int(changes["expires_at"] * 1000))
+        args: list[Any] = ["" if fence is None else str(fence), expire_ms]
+        for name, value in changes.items():
+            args += [name, _encode(name, value)]
+        result = await self._update(keys=[self.meta_key(key), self.events_key(key)], args=args)
+        if result == -1:
+            raise FencedOut(f"run {message_id} was taken over by another replica")
+
+    async def unfinished(self) -> list[RunRecord]:
+        return []  # with Redis, leases and the work queue find unfinished runs
+
+    async def _delete(self, key: Key) -> bool:
+        self._fences.pop(key, None)
+        return bool(await self.redis.delete(self.meta_key(key), self.events_key(key)))
+
+    async def _expire(self, now: float) -> list[Key]:
+        return []  # keys carry their own expiry once the run ends
+
+    # --- events ----------------------------------------------------------------------
+    async def _persist(self, key: Key, events: Sequence[Event]) -> None:
+        fence = self._fences.get(key)
+        if fence is None:
+            raise FencedOut(f"this replica does not own run {key[1]}")
+        args: list[Any] = [str(fence), str(self.max_events)]
+        for e in events:
+            args += [f"{e.seq}-0", e.type, e.data]
+        try:
+            await self._append(keys=[self.meta_key(key), self.events_key(key)], args=args)
+        except ResponseError as exc:
+            if "FENCED" in str(exc):
+                raise FencedOut(f"run {key[1]} was taken over by another replica") from None
+            raise
+
+    async def _load_events(self, key: Key, after: int, limit: int) -> list[Event]:
+        entries = await self.redis.xrange(self.events_key(key), min=f"{after + 1}-0", max="+", count=limit)
+        return [Event(int(eid.split(b"-", 1)[0]), f[b"t"].decode(), None, f[b"d"]) for eid, f in entries]
+
+    async def _last_seq(self, key: Key) -> int:
+        entries = await self.redis.xrevrange(self.events_key(key), max="+", min="-", count=1)
+        return int(entries[0][0].split(b"-", 1)[0]) if entries else 0
+
+    async def last_seq(self, tenant: str, message_id: str) -> int:
+        key = (tenant, message_id)
+        if key in self._fences:
+            return await super().last_seq(tenant, message_id)
+        return await self._last_seq(key)
+
+    async def read(self, tenant: str, message_id: str, after: int = 0, limit: int = 512) -> list[Event]:
+        key = (tenant, message_id)
+        if key in self._fences:
+            return await super().read(tenant, message_id, after, limit)
+        return await self._load_events(key, after, limit)
+
+    async def wait(self, tenant: str, message_id: str, after: int, timeout: float) -> bool:
+        key = (tenant, message_id)
+        if key in self._fences:  # executed here: the local tail is current
+            return await super().wait(tenant, message_id, after, timeout)
+        tail = self._tails.get(key)
+        if tail is None:
+            tail = self._tails[key] = _Tail(after)
+        if tail.last_seq > after:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        tail.waiters.append(fut)
+        self._follow(key, after)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except asyncio.TimeoutError:
+            if fut in tail.waiters:
+                tail.waiters.remove(fut)
+            return False
+
+    # --- following remote runs ------------------------------------------------------------
+    def _follow(self, key: Key, after: int) -> None:
+        current = self._followed.get(key)
+        if current is not None and current <= after:
+            return
+        self._followed[key] = after
+        self._follow_changed.set()
+        if self._block_id is not None:
+            asyncio.get_running_loop().create_task(self._unblock())
+
+    async def _unblock(self) -> None:
+        """Interrupt the follower's XREAD so it picks up the new stream set.
+
+        If the unblock lands before the XREAD starts blocking it is lost, so retry
+        until the follower has taken the change (it clears `_follow_changed`).
+        """
+        for _ in range(100):
+            if not self._follow_changed.is_set() or self._block_id is None:
+                return
+            with contextlib.suppress(RedisError):
+                if await self.redis.client_unblock(self._block_id):
+                    return
+            await asyncio.sleep(0.002)
+
+    async def _follow_loop(self) -> None:
+        while True:
+            try:
+                self._block_id = int(await self._block.client_id())
+                while True:
+                    if not self._followed:
+                        self._follow_changed.clear()
+                        await self._follow_changed.wait()
+                        continue
+                    self._follow_changed.clear()
+                    for k in [k for k in self._followed if not (self._tails.get(k) and self._tails[k].waiters)]:
+                        del self._followed[k]  # nobody waits any more
+                    if not self._followed:
+                        continue
+                    streams = {self.events_key(k): f"{after}-0" for k, after in self._followed.items()}
+                    result = await self._block.xread(streams, block=5000, count=1000)
+                    for stream_key, entries in result or ():
+                        if not entries:
+                            continue
+                        key = self._key_of(stream_key)
+                        last = int(entries[-1][0].split(b"-", 1)[0])
+                        tail = self._tails.get(key)
+                        if tail is not None:
+                            tail.last_seq = max(tail.last_seq, last)
+                            tail.wake()
+                        self._followed.pop(key, None)  # re-followed by the next wait()
+            except asyncio.CancelledError:
+                raise
+            except RedisError as exc:
+                log.warning("following streams failed (%s); retrying", exc)
+                self._block_id = None
+                await asyncio.sleep(0.5)
