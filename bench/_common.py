@@ -41,6 +41,19 @@ def median(values: list[float]) -> float:
     return percentile(sorted(values), 50)
 
 
+# ------------------------------------------------------------------ provenance
+
+
+def source_version() -> str:
+    """The commit being measured, with '+dirty' when src/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 # ------------------------------------------------------------------ processes
 
 

@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
     percentile,
     proc_cpu_s,
     rss_mb,
+    source_version,
     table,
 )
 
@@ -426,16 +427,19 @@ def error_summary(rounds: list[RoundResult]) -> Counter:
 class PySpy:
     """`py-spy record --format raw` on the server for the Backstream rounds (idle time is not sampled)."""
 
-    def __init__(self, pid: int, out: Path, rate: int) -> None:
+    def __init__(self, pid: int, out: Path, rate: int, native: bool = False) -> None:
         self.pid = pid
         self.out = out
         self.rate = rate
+        self.native = native
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         exe = Path(sys.executable).parent / "py-spy"
-        cmd = [str(exe) if exe.exists() else "py-spy", "record", "--format", "raw", "--function", "--nonblocking",
+        cmd = [str(exe) if exe.exists() else "py-spy", "record", "--format", "raw", "--function",
                "--rate", str(self.rate), "--output", str(self.out), "--pid", str(self.pid)]
+        if self.native:
+            cmd.append("--native")  # C frames too: syscalls, the GC, uvloop
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop(self) -> None:
@@ -451,27 +455,53 @@ class PySpy:
             print(f"py-spy wrote no profile: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
 
 
+def _location(frame: str) -> str:
+    """'func (path/file.py:12)' -> 'path/file.py'; native frames: 'write (libc.so.6)' -> 'libc.so.6'."""
+    loc = frame[frame.rfind("(") + 1 :].rstrip(")")
+    head, sep, tail = loc.rpartition(":")
+    return head if sep and tail.isdigit() else loc
+
+
+def _is_python(frame: str) -> bool:
+    return ".py:" in frame or "<frozen " in frame
+
+
 def _bucket(frame: str) -> str:
-    """Which package a py-spy frame 'func (path/file.py:line)' belongs to."""
-    path = frame[frame.rfind("(") + 1 :].rsplit(":", 1)[0]
+    """Which package a py-spy frame belongs to (py-spy prints paths relative to sys.path)."""
+    path = _location(frame)
+    if not _is_python(frame):
+        return f"native: {path}"
     if "site-packages/" in path:
-        pkg = path.split("site-packages/", 1)[1].split("/", 1)[0]
-        return pkg.removesuffix(".py")
-    if "/backstream/" in path:
-        return "backstream/" + path.rsplit("/backstream/", 1)[1]
-    if "/asyncio/" in path:
-        return "asyncio (stdlib)"
-    if "python3" in path or path.startswith("<"):
-        return "stdlib/other"
-    return path
+        path = path.split("site-packages/", 1)[1]
+    if path.startswith("backstream/"):
+        return path
+    if path.startswith("/") or path.startswith("<"):
+        return path
+    return path.split("/", 1)[0].removesuffix(".py")
+
+
+def _short(frame: str) -> str:
+    name, _, loc = frame.partition(" (")
+    loc = loc.rstrip(")")
+    for marker in ("site-packages/", "/src/", "/lib/python3.11/"):
+        if marker in loc:
+            loc = loc.split(marker, 1)[1]
+    return f"{name} ({loc})"
 
 
 def summarise_profile(path: Path, top: int = 18) -> str:
-    """Top functions by own (self) samples and by inclusive samples, plus own samples by package."""
+    """Top functions by own (self) samples and by inclusive samples, plus own samples by package.
+
+    Samples of the idle thread-pool worker (the SDK starts one for a platform probe) are
+    dropped: py-spy does not see that it is blocked on its queue.
+    """
     own: Counter = Counter()
+    own_py: Counter = Counter()  # native leaves charged to the nearest Python frame
     incl: Counter = Counter()
     pkg: Counter = Counter()
-    total = 0
+    pkg_py: Counter = Counter()
+    total = dropped = 0
+    native = False
     for line in path.read_text(errors="replace").splitlines():
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
@@ -480,29 +510,34 @@ def summarise_profile(path: Path, top: int = 18) -> str:
         frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
         if not frames:
             continue
+        py = [f for f in frames if _is_python(f)]
+        if py and py[-1].startswith("_worker (") and "concurrent/futures/thread.py" in py[-1]:
+            dropped += count
+            continue
+        native = native or not _is_python(frames[-1])
         total += count
         own[frames[-1]] += count
         pkg[_bucket(frames[-1])] += count
+        if py:
+            own_py[py[-1]] += count
+            pkg_py[_bucket(py[-1])] += count
         for f in set(frames):
             incl[f] += count
     if not total:
         return "(empty profile)"
 
-    def short(frame: str) -> str:
-        name, _, loc = frame.partition(" (")
-        loc = loc.rstrip(")")
-        for marker in ("site-packages/", "/src/", "/lib/python3.11/"):
-            if marker in loc:
-                loc = loc.split(marker, 1)[1]
-        return f"{name} ({loc})"
-
-    out = [f"py-spy: {total} samples of the server while busy"]
+    out = [f"py-spy: {total} samples of the server while busy ({dropped} of an idle pool thread dropped)"]
     out.append("\nown time by package:")
     out.append(table(["package", "own %"], [[k, 100 * v / total] for k, v in pkg.most_common(top)]))
     out.append("\ntop functions by own time:")
-    out.append(table(["function", "own %"], [[short(k), 100 * v / total] for k, v in own.most_common(top)]))
-    out.append("\ntop functions by inclusive time (skipping the event-loop/runner frames above 90%):")
-    rows = [[short(k), 100 * v / total] for k, v in incl.most_common() if v / total < 0.9][:top]
+    out.append(table(["function", "own %"], [[_short(k), 100 * v / total] for k, v in own.most_common(top)]))
+    if native:
+        out.append("\nown time by package, native time charged to the Python frame that called it:")
+        out.append(table(["package", "own %"], [[k, 100 * v / total] for k, v in pkg_py.most_common(top)]))
+        out.append("\ntop Python functions by own time (native time charged to the Python frame that called it):")
+        out.append(table(["function", "own %"], [[_short(k), 100 * v / total] for k, v in own_py.most_common(top)]))
+    out.append("\ntop functions by inclusive time (skipping frames in more than 90% of samples):")
+    rows = [[_short(k), 100 * v / total] for k, v in incl.most_common() if v / total < 0.9][:top]
     out.append(table(["function", "incl %"], rows))
     return "\n".join(out)
 
@@ -534,7 +569,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke run: C=8, 2 s, 1 round, 0.5 s warm-up, 1 start-up")
     ap.add_argument("--py-spy", metavar="FILE", help="profile the server with py-spy during the Backstream rounds "
                     "(collapsed stacks to FILE, summary printed; perturbs the numbers a little)")
-    ap.add_argument("--py-spy-rate", type=int, default=200, help="py-spy samples per second (default 200)")
+    ap.add_argument("--py-spy-rate", type=int, default=100, help="py-spy samples per second (default 100)")
+    ap.add_argument("--py-spy-native", action="store_true", help="with --py-spy: sample native (C) frames too")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, server log)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -544,6 +580,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    version = source_version()
     work = make_work_dir("backstream-bench-")
     spec = f"tokens={args.tokens};ttft_ms={args.ttft_ms:g};delay_ms={args.delay_ms:g}"
     fake = FakeUpstreamProcess(work)
@@ -592,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         ideal_s = (args.ttft_ms + max(0, args.tokens - 1) * args.delay_ms) / 1000
         stagger = max(0.05, ideal_s)
 
-        spy = PySpy(server.pid, Path(args.py_spy).resolve(), args.py_spy_rate) if args.py_spy else None
+        spy = PySpy(server.pid, Path(args.py_spy).resolve(), args.py_spy_rate, args.py_spy_native) if args.py_spy else None
         results: list[RoundResult] = []
 
         async def run_all() -> None:
@@ -619,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(
             f"sync_stream: C={args.concurrency}, {args.rounds} x {args.seconds:g} s per side, "
-            f"upstream spec {spec!r}, {os.cpu_count()} CPUs",
+            f"upstream spec {spec!r}, {os.cpu_count()} CPUs, source {version}",
             flush=True,
         )
         with RssSampler(server.pid) as sampler:
@@ -687,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summarise_profile(spy.out))
 
     result = {
+        "source": version,
         "concurrency": args.concurrency,
         "seconds": args.seconds,
         "rounds": args.rounds,

@@ -155,3 +155,15 @@ def bg_server(request: pytest.FixtureRequest, fake: FakeUpstream, tmp_path_facto
 def bg(bg_server: ServerProcess) -> Iterator[httpx.Client]:
     with bg_server.client() as c:
         yield c
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_test_db() -> Iterator[None]:
+    """Redis database 15 belongs to the test suite: emptied before and after it."""
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/15")
+    client.flushdb()
+    yield
+    client.flushdb()
+    client.close()

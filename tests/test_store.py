@@ -28,7 +28,7 @@ def make_factory(kind: str, tmp_path: Path) -> StoreFactory:
     return redis_factory()
 
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "redis"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -72,6 +72,7 @@ async def test_create_get_update(store: StreamStore) -> None:
 async def test_tenants_are_separate(store: StreamStore) -> None:
     assert await store.create_run(record("same", tenant="a"))
     assert await store.create_run(record("same", tenant="b")), "the same id in another tenant is another run"
+    await store.claim("a", "same")
     await store.append("a", "same", events("same", 1, 3))
     assert len(await store.read("a", "same")) == 3
     assert await store.read("b", "same") == []
@@ -82,6 +83,7 @@ async def test_tenants_are_separate(store: StreamStore) -> None:
 
 async def test_append_read_after_cursor(store: StreamStore) -> None:
     await store.create_run(record("m2"))
+    await store.claim("t1", "m2")
     await store.append("t1", "m2", events("m2", 1, 5))
     await store.append("t1", "m2", events("m2", 6, 5, last=True))
     got = await store.read("t1", "m2", after=0)
@@ -97,6 +99,7 @@ async def test_events_survive_reopen_and_cold_reads_match(factory: StoreFactory,
     s1 = factory()
     await s1.open()
     await s1.create_run(record("m3"))
+    await s1.claim("t1", "m3")
     await s1.append("t1", "m3", events("m3", 1, 20, last=True))
     hot = [(e.seq, e.type, e.data) for e in await s1.read("t1", "m3")]
     await s1.close()
@@ -112,6 +115,7 @@ async def test_events_survive_reopen_and_cold_reads_match(factory: StoreFactory,
 
 async def test_wait_wakes_on_append_and_times_out(store: StreamStore) -> None:
     await store.create_run(record("m4"))
+    await store.claim("t1", "m4")
     waiter = asyncio.create_task(store.wait("t1", "m4", 0, timeout=5))
     await asyncio.sleep(0.05)
     assert not waiter.done()
@@ -125,6 +129,7 @@ async def test_wait_wakes_on_append_and_times_out(store: StreamStore) -> None:
 
 async def test_delete_wakes_waiters_and_removes_everything(store: StreamStore) -> None:
     await store.create_run(record("m5"))
+    await store.claim("t1", "m5")
     await store.append("t1", "m5", events("m5", 1, 3))
     waiter = asyncio.create_task(store.wait("t1", "m5", 3, timeout=5))
     await asyncio.sleep(0.05)
@@ -140,8 +145,15 @@ async def test_expire_only_removes_expired(store: StreamStore) -> None:
     await store.create_run(record("old", status="completed", expires_at=now - 1))
     await store.create_run(record("new", status="completed", expires_at=now + 100))
     await store.create_run(record("live"))
+    await store.claim("t1", "old")
     await store.append("t1", "old", events("old", 1, 2))
-    assert await store.expire(now) == 1
+    if store.name == "redis":  # Redis expires keys itself, from the TTL set when the run ends
+        await store.update_run("t1", "old", status="completed", expires_at=now + 0.05)
+        await store.update_run("t1", "new", status="completed", expires_at=now + 100)
+        store.release("t1", "old")  # the owner lets go when the run ends, as the scheduler does
+        await asyncio.sleep(0.2)
+    else:
+        assert await store.expire(now) == 1
     assert await store.get_run("t1", "old") is None and await store.read("t1", "old") == []
     assert await store.get_run("t1", "new") is not None and await store.get_run("t1", "live") is not None
 
@@ -151,13 +163,16 @@ async def test_unfinished_lists_pending_and_processing(store: StreamStore) -> No
     await store.create_run(record("r", status="processing"))
     await store.create_run(record("d", status="completed"))
     await store.create_run(record("x", status="error"))
-    assert sorted(r.message_id for r in await store.unfinished() if r.tenant == "t1") == ["p", "r"]
+    found = sorted(r.message_id for r in await store.unfinished() if r.tenant == "t1")
+    # With Redis, unfinished runs are found through leases and the work queue instead (test_replicas.py).
+    assert found == ([] if store.name == "redis" else ["p", "r"])
 
 
 async def test_many_runs_appending_concurrently(store: StreamStore) -> None:
     n_runs, per_run = 50, 40
     for i in range(n_runs):
         await store.create_run(record(f"c{i}"))
+        await store.claim("t1", f"c{i}")
 
     async def produce(i: int) -> None:
         for seq in range(1, per_run + 1):

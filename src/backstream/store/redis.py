@@ -97,10 +97,12 @@ class RedisStore(StreamStore):
         self.redis = aioredis.from_url(url)
         self._block = aioredis.from_url(url, single_connection_client=True)
         self._fences: dict[Key, int] = {}
+        self._lost_keys: set[Key] = set()
         self._followed: dict[Key, int] = {}  # remote runs with waiters -> cursor to follow from
         self._follower: asyncio.Task[None] | None = None
         self._block_id: int | None = None
         self._follow_changed = asyncio.Event()
+        self._closing = False
 
     # --- keys --------------------------------------------------------------------
     def meta_key(self, key: Key) -> str:
@@ -123,10 +125,11 @@ class RedisStore(StreamStore):
         self._follower = asyncio.create_task(self._follow_loop())
 
     async def close(self) -> None:
+        self._closing = True
+        self._follow_changed.set()
         if self._follower is not None:
             self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RedisError):
-                await self._follower
+            await asyncio.wait({self._follower}, timeout=5)
         await self._block.aclose()
         await self.redis.aclose()
 
@@ -143,10 +146,17 @@ class RedisStore(StreamStore):
         key = (tenant, message_id)
         fence = int(await self.redis.hincrby(self.meta_key(key), "fence", 1))
         self._fences[key] = fence
+        self._lost_keys.discard(key)
         return fence
 
     def release(self, tenant: str, message_id: str) -> None:
         self._fences.pop((tenant, message_id), None)
+
+    def _lost(self, key: Key) -> None:
+        """Another replica owns the run now: stop serving it from our (stale) tail, refuse further writes."""
+        self._fences.pop(key, None)
+        self._tails.pop(key, None)
+        self._lost_keys.add(key)
 
     # --- records --------------------------------------------------------------------
     async def create_run(self, record: RunRecord) -> bool:
@@ -164,6 +174,8 @@ class RedisStore(StreamStore):
 
     async def update_run(self, tenant: str, message_id: str, **changes: Any) -> None:
         key = (tenant, message_id)
+        if key in self._lost_keys:
+            raise FencedOut(f"run {message_id} was taken over by another replica")
         fence = self._fences.get(key)
         expire_ms = ""
         if changes.get("expires_at") is not None and changes.get("status") in TERMINAL:
@@ -173,6 +185,7 @@ class RedisStore(StreamStore):
             args += [name, _encode(name, value)]
         result = await self._update(keys=[self.meta_key(key), self.events_key(key)], args=args)
         if result == -1:
+            self._lost(key)
             raise FencedOut(f"run {message_id} was taken over by another replica")
 
     async def unfinished(self) -> list[RunRecord]:
@@ -197,6 +210,7 @@ class RedisStore(StreamStore):
             await self._append(keys=[self.meta_key(key), self.events_key(key)], args=args)
         except ResponseError as exc:
             if "FENCED" in str(exc):
+                self._lost(key)
                 raise FencedOut(f"run {key[1]} was taken over by another replica") from None
             raise
 
@@ -265,10 +279,12 @@ class RedisStore(StreamStore):
             await asyncio.sleep(0.002)
 
     async def _follow_loop(self) -> None:
-        while True:
+        # redis-py can swallow a cancellation that lands while it connects, so the loop
+        # also checks `_closing` after every await.
+        while not self._closing:
             try:
                 self._block_id = int(await self._block.client_id())
-                while True:
+                while not self._closing:
                     if not self._followed:
                         self._follow_changed.clear()
                         await self._follow_changed.wait()
@@ -290,9 +306,9 @@ class RedisStore(StreamStore):
                             tail.last_seq = max(tail.last_seq, last)
                             tail.wake()
                         self._followed.pop(key, None)  # re-followed by the next wait()
-            except asyncio.CancelledError:
-                raise
             except RedisError as exc:
+                if self._closing:
+                    return
                 log.warning("following streams failed (%s); retrying", exc)
                 self._block_id = None
                 await asyncio.sleep(0.5)

@@ -1,0 +1,108 @@
+"""Redis-specific store behaviour (the shared contract runs in test_store.py): keys, fencing, expiry, blocking follow."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from backstream.events import Event
+from backstream.store import FencedOut, RunRecord
+from backstream.store.redis import RedisStore
+
+REDIS_URL = "redis://127.0.0.1:6379/15"  # the test suite's own database
+
+
+def redis_factory() -> Callable[[], RedisStore]:
+    prefix = f"bstest-{uuid.uuid4().hex[:8]}"
+    return lambda: RedisStore(REDIS_URL, prefix)
+
+
+@pytest.fixture()
+async def pair() -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two stores on one Redis: two replicas' views."""
+    make = redis_factory()
+    a, b = make(), make()
+    await a.open()
+    await b.open()
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+def ev(mid: str, seq: int, type_: str = "text_delta") -> Event:
+    return Event.build(seq, type_, mid, delta=str(seq))
+
+
+async def test_keys_share_a_hash_tag_and_prefix(pair: tuple[RedisStore, RedisStore]) -> None:
+    a, _ = pair
+    rec = RunRecord(tenant="acme", message_id="m1")
+    assert await a.create_run(rec)
+    await a.claim("acme", "m1")
+    await a.append("acme", "m1", [ev("m1", 1)])
+    keys = sorted([k.decode() async for k in a.redis.scan_iter(match=f"{a.prefix}:*")])
+    assert keys == [f"{a.prefix}:run:{{acme/m1}}:events", f"{a.prefix}:run:{{acme/m1}}:meta"]
+    entries = await a.redis.xrange(a.events_key(("acme", "m1")))
+    assert [(eid, f[b"t"]) for eid, f in entries] == [(b"1-0", b"text_delta")], "stream entry id = SSE position"
+
+
+async def test_a_fenced_out_owner_cannot_write(pair: tuple[RedisStore, RedisStore]) -> None:
+    a, b = pair
+    await a.create_run(RunRecord(tenant="t", message_id="f1"))
+    await a.claim("t", "f1")
+    await a.append("t", "f1", [ev("f1", 1)])
+    await b.claim("t", "f1")  # b takes over
+    with pytest.raises(FencedOut):
+        await a.append("t", "f1", [ev("f1", 2)])
+    with pytest.raises(FencedOut):
+        await a.update_run("t", "f1", status="completed")
+    await b.append("t", "f1", [ev("f1", 2, "stream_end")])
+    assert [e.seq for e in await a.read("t", "f1")] == [1, 2]
+    assert (await b.get_run("t", "f1")).status == "pending"  # type: ignore[union-attr]
+
+
+async def test_ended_runs_get_a_ttl(pair: tuple[RedisStore, RedisStore]) -> None:
+    a, _ = pair
+    await a.create_run(RunRecord(tenant="t", message_id="e1"))
+    await a.claim("t", "e1")
+    await a.append("t", "e1", [ev("e1", 1, "stream_end")])
+    await a.update_run("t", "e1", status="completed", expires_at=time.time() + 100)
+    for key in (a.meta_key(("t", "e1")), a.events_key(("t", "e1"))):
+        ttl = await a.redis.pttl(key)
+        assert 90_000 < ttl <= 100_000
+
+
+async def test_watcher_on_another_replica_wakes_within_milliseconds(pair: tuple[RedisStore, RedisStore]) -> None:
+    a, b = pair
+    await a.create_run(RunRecord(tenant="t", message_id="w1"))
+    await a.claim("t", "w1")
+    await a.append("t", "w1", [ev("w1", 1)])
+    latencies = []
+    for seq in range(2, 12):
+        waiter = asyncio.create_task(b.wait("t", "w1", seq - 1, timeout=5))
+        await asyncio.sleep(0.02)  # let b's follower block on the stream
+        t0 = time.perf_counter()
+        await a.append("t", "w1", [ev("w1", seq)])
+        assert await waiter is True
+        latencies.append(time.perf_counter() - t0)
+        assert [e.seq for e in await b.read("t", "w1", seq - 1)] == [seq]
+    assert sorted(latencies)[len(latencies) // 2] < 0.02, latencies
+
+
+async def test_many_remote_followers_share_one_blocking_read(pair: tuple[RedisStore, RedisStore]) -> None:
+    a, b = pair
+    ids = [f"r{i}" for i in range(30)]
+    for mid in ids:
+        await a.create_run(RunRecord(tenant="t", message_id=mid))
+        await a.claim("t", mid)
+    waiters = [asyncio.create_task(b.wait("t", mid, 0, timeout=5)) for mid in ids]
+    await asyncio.sleep(0.05)
+    clients_before = len(await b.redis.client_list())
+    for mid in ids:
+        await a.append("t", mid, [ev(mid, 1)])
+    assert all(await asyncio.gather(*waiters))
+    assert len(await b.redis.client_list()) <= clients_before + 1, "no connection per watched run"
