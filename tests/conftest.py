@@ -112,6 +112,8 @@ def fake_models(fake: FakeUpstream) -> list[dict[str, Any]]:
         {"name": "gpt-slow", "provider": "openai", "base_url": fake.base_url, "model": "gpt-slow-up", "retries": 0, "timeout_s": 0.5},
         {"name": "gpt-x", "provider": "openai", "base_url": fake.base_url, "model": "gpt-x-up", "retries": 0, "timeout_s": 5, "extra_sampling": True},
         {"name": "gpt-one", "provider": "openai", "base_url": fake.base_url, "model": "gpt-one-up", "retries": 0, "timeout_s": 30, "max_concurrency": 1},
+        {"name": "gpt-two", "provider": "openai", "base_url": fake.base_url, "model": "gpt-two-up", "retries": 0, "timeout_s": 30, "max_concurrency": 2},
+        {"name": "gpt-four", "provider": "openai", "base_url": fake.base_url, "model": "gpt-four-up", "retries": 0, "timeout_s": 30, "max_concurrency": 4},
     ]
 
 
@@ -142,11 +144,14 @@ def http(server: ServerProcess) -> Iterator[httpx.Client]:
         yield c
 
 
-@pytest.fixture(scope="session", params=["memory", "sqlite"])
+@pytest.fixture(scope="session", params=["memory", "sqlite", "redis"])
 def bg_server(request: pytest.FixtureRequest, fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server per store backend, for the background-run suite."""
     tmp = tmp_path_factory.mktemp(f"bg-{request.param}")
-    srv = ServerProcess(tmp, {"store": request.param, "models": fake_models(fake), "keepalive_s": 1}, name=f"bg-{request.param}").start()
+    config: dict[str, Any] = {"store": request.param, "models": fake_models(fake), "keepalive_s": 1}
+    if request.param == "redis":
+        config["redis"] = {"url": "redis://127.0.0.1:6379/15", "key_prefix": f"bsbg-{os.getpid()}"}
+    srv = ServerProcess(tmp, config, name=f"bg-{request.param}").start()
     yield srv
     srv.stop()
 
