@@ -297,3 +297,21 @@ def table(headers: list[str], rows: list[list[Any]], align: str | None = None) -
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out.extend(line(r) for r in cells[1:])
     return "\n".join(out)
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft open-files limit to the hard one (children inherit it); returns it.
+
+    Thousands of watcher sockets need more than the common default of 1024.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft

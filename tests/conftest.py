@@ -21,6 +21,15 @@ from tests.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = Path(os.environ.get("BACKSTREAM_TEST_LOGS", ROOT / ".pytest_cache" / "server-logs"))
+# Every credential a test uses; test_zz_logs.py checks that no server log ever contains one.
+SECRETS: set[str] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    import shutil
+
+    shutil.rmtree(LOG_DIR, ignore_errors=True)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
 
 
 def free_port() -> int:

@@ -17,14 +17,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from . import __version__
+from .auth import Authenticator
 from .config import Settings
+from .limits import Quotas, build_quotas
 from .engine import MessageFolder, Run
 from .errors import STATUS_BY_TYPE, ApiError, error_body, invalid, pydantic_details
 from .events import Event, new_message_id, new_ulid
 from .models import ModelTable
 from .scheduler import RunScheduler
 from .store import create_store
-from .streams import build_router
+from .streams import build_router, principal_of, tenant_of
 from .responses import ClientGone, EventStreamResponse, cancel_on_disconnect
 from .schema import ChatRequest, ErrorResponse, MessageResponse, ModelInfo, ModelList
 
@@ -36,6 +38,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 class ORJSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
+
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    value = headers.get(name)
+    return None if value is None else value.decode("latin-1")
 
 
 def _request_id(scope: dict[str, Any]) -> str:
@@ -54,11 +61,13 @@ def error_response(scope: dict[str, Any], status: int, type: str, message: str, 
 
 
 class RequestContext:
-    """Pure ASGI middleware: a request id on every response, and the body size limit enforced while reading."""
+    """Pure ASGI middleware, before any work: request id, authentication, tenant, rate limits, body size limit."""
 
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, max_body_bytes: int, authenticator: Authenticator, quotas: Quotas) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.authenticator = authenticator
+        self.quotas = quotas
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -77,7 +86,19 @@ class RequestContext:
                 message["headers"] = headers
             await send(message)
 
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        if scope["path"].startswith("/v1/"):
+            try:
+                principal = await self.authenticator.authenticate(_header(headers, b"authorization"))
+                tenant = self.authenticator.tenant_for(principal, _header(headers, b"x-tenant"))
+                await self.quotas.hit(principal, tenant)
+            except ApiError as exc:
+                response = error_response(scope, exc.status, exc.type, exc.message, exc.details, exc.headers)
+                await response(scope, receive, send_with_id)
+                return
+            scope["state"]["principal"] = principal
+            scope["state"]["tenant"] = tenant
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             await self._too_large(scope, send_with_id)
             return
@@ -121,7 +142,9 @@ _REQUEST_EXAMPLE = {
 def create_app(settings: Settings) -> FastAPI:
     models = ModelTable(settings)
     store = create_store(settings)
-    scheduler = RunScheduler(settings, store, models)
+    quotas = build_quotas(settings, getattr(store, "redis", None))
+    scheduler = RunScheduler(settings, store, models, quotas)
+    authenticator = Authenticator(settings.auth)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -145,7 +168,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.models = models
     app.state.store = store
     app.state.scheduler = scheduler
-    app.add_middleware(RequestContext, max_body_bytes=settings.limits.max_body_bytes)
+    app.state.quotas = quotas
+    app.add_middleware(RequestContext, max_body_bytes=settings.limits.max_body_bytes, authenticator=authenticator, quotas=quotas)
     _install_error_handlers(app)
     _install_openapi(app)
 
@@ -203,9 +227,18 @@ def create_app(settings: Settings) -> FastAPI:
         """Run a chat request; `stream: true` answers with SSE events, otherwise one JSON message."""
         chat = await read_chat_request(request, settings)
         run = Run(new_message_id(), chat, models, models.resolve(chat.model))
+        principal, tenant = principal_of(request), tenant_of(request)
+        await quotas.acquire(principal.name, tenant, run.message_id, queued=False)
+
+        async def release() -> None:
+            await quotas.release(principal.name, tenant, run.message_id)
+
         if chat.stream:
-            return await _stream_sync(request, run, settings)
-        return await _fold_sync(request, run)
+            return await _stream_sync(request, run, settings, release)
+        try:
+            return await _fold_sync(request, run)
+        finally:
+            await release()
 
     app.include_router(build_router(read_chat_request))
     return app
@@ -233,6 +266,11 @@ async def read_chat_request(request: Request, settings: Settings) -> ChatRequest
         raise invalid(f"at most {limits.max_messages} messages are allowed", "messages")
     if chat.tools and len(chat.tools) > limits.max_tools:
         raise invalid(f"at most {limits.max_tools} tools are allowed", "tools")
+    for i, tool in enumerate(chat.tools or ()):
+        if len(orjson.dumps(tool.input_schema)) > limits.max_schema_bytes:
+            raise invalid(f"input_schema exceeds {limits.max_schema_bytes} bytes of JSON", f"tools.{i}.input_schema")
+    if chat.output_format is not None and len(orjson.dumps(chat.output_format.schema_)) > limits.max_schema_bytes:
+        raise invalid(f"the output schema exceeds {limits.max_schema_bytes} bytes of JSON", "output_config.format.schema")
     if len(raw) > limits.max_text_chars and sum(_text_chars(m.content) for m in chat.messages) > limits.max_text_chars:
         raise invalid(f"message content exceeds {limits.max_text_chars} characters", "messages")
     return chat
@@ -263,16 +301,18 @@ def _failed_before_output(head: list[Event]) -> ApiError | None:
     return ApiError(status if status >= 500 else 502, err["type"], err["message"])
 
 
-async def _stream_sync(request: Request, run: Run, settings: Settings) -> Response:
+async def _stream_sync(request: Request, run: Run, settings: Settings, release: Any) -> Response:
     events = run.events()
     try:
         head = await cancel_on_disconnect(request.receive, _first_events(run, events))
     except ClientGone:
         await events.aclose()
+        await release()
         return Response(status_code=499)
     failure = _failed_before_output(head)
     if failure is not None:
         await events.aclose()
+        await release()
         raise failure
 
     async def frames() -> AsyncIterator[bytes]:
@@ -283,6 +323,7 @@ async def _stream_sync(request: Request, run: Run, settings: Settings) -> Respon
 
     async def on_close() -> None:
         await events.aclose()
+        await release()
         if not run.ended:
             log.info("run %s cancelled: client disconnected", run.message_id)
 

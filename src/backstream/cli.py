@@ -26,6 +26,7 @@ def serve(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file (or BACKSTREAM_CONFIG)"),
     data_dir: Optional[Path] = typer.Option(None, help="Where the embedded store keeps its files [default: ./.backstream]"),
     log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error"),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Allow a non-loopback address without authentication"),
 ) -> None:
     """Start the server. With no config: SQLite under ./.backstream, the built-in local model, loopback only."""
     try:
@@ -35,7 +36,9 @@ def serve(
             port=port,
             data_dir=str(data_dir) if data_dir else None,
             log_level=log_level,
+            insecure_no_auth=insecure_no_auth or None,
         )
+        settings.check_exposure()
     except ConfigError as exc:
         typer.echo(f"backstream: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -60,6 +63,32 @@ def serve(
         )
     )
     server.run()
+
+
+keys = typer.Typer(no_args_is_help=True, help="API keys.")
+cli.add_typer(keys, name="keys")
+
+
+@keys.command("new")
+def keys_new(
+    tenant: list[str] = typer.Option(..., "--tenant", "-t", help="Tenant the key may act for (repeat; '*' for all)"),
+    name: Optional[str] = typer.Option(None, help="A name for the key (shown in logs and limits)"),
+    default_tenant: Optional[str] = typer.Option(None, help="Tenant used when a request sends no X-Tenant"),
+) -> None:
+    """Print a new API key and the config line that accepts it (only its sha256 is stored)."""
+    from .auth import new_api_key
+
+    key, digest = new_api_key()
+    name = name or f"key-{digest[:8]}"
+    default = default_tenant or next((t for t in tenant if t != "*"), None)
+    entry = {"name": name, "sha256": digest, "tenants": tenant}
+    if default:
+        entry["default_tenant"] = default
+    typer.echo(f"API key (shown once, store it now): {key}")
+    typer.echo("Add under auth.api_keys in the config file:")
+    import yaml
+
+    typer.echo("  - " + yaml.safe_dump(entry, default_flow_style=True, sort_keys=False, width=1000).strip())
 
 
 def main() -> None:

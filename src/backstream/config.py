@@ -7,6 +7,7 @@ The environment wins so that one config file can serve several deployments
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,11 +52,80 @@ class EgressSettings(_Section):
     allow_private: bool = False
 
 
-class LimitsSettings(_Section):
+class Quota(_Section):
+    """Limits for one API key, token subject or tenant; 0 means unlimited."""
+
+    requests_per_minute: int = Field(0, ge=0)
+    max_active_runs: int = Field(0, ge=0)  # runs not yet ended (queued or running), sync ones included
+    max_queued_runs: int = Field(0, ge=0)  # background runs waiting to start
+
+
+class LimitsSettings(Quota):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_messages: int = Field(2048, ge=1)
     max_tools: int = Field(256, ge=0)
     max_text_chars: int = Field(2_000_000, ge=1)
+    max_schema_bytes: int = Field(64 * 1024, ge=256)  # one tool's input_schema or an output schema, as JSON
+    rate_window_s: int = Field(60, ge=1, le=3600)  # requests_per_minute counts per window of this length
+    # requests_per_minute / max_active_runs / max_queued_runs above apply per key (or token subject);
+    # these apply per tenant:
+    tenants: dict[str, Quota] = {}
+    tenant_default: Quota = Quota()
+
+
+_TENANT = r"^[A-Za-z0-9_.-]{1,64}$"
+JWT_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+
+
+class ApiKeyConfig(_Section):
+    name: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tenants: list[str] = Field(min_length=1)
+    default_tenant: str | None = None
+    limits: Quota | None = None  # overrides the per-key limits for this key
+
+    @model_validator(mode="after")
+    def _default_tenant(self) -> ApiKeyConfig:
+        for t in self.tenants:
+            if t != "*" and not re.match(_TENANT, t):
+                raise ValueError(f"api key {self.name!r}: tenant {t!r} is not a valid tenant id")
+        if self.default_tenant is None:
+            if "*" in self.tenants:
+                raise ValueError(f"api key {self.name!r}: default_tenant is required with tenants ['*']")
+            self.default_tenant = self.tenants[0]
+        elif "*" not in self.tenants and self.default_tenant not in self.tenants:
+            raise ValueError(f"api key {self.name!r}: default_tenant must be one of its tenants")
+        return self
+
+
+class JwtConfig(_Section):
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    issuer: str
+    audience: str
+    tenants_claim: str = "tenants"
+    default_tenant_claim: str | None = None  # else the first of the tenants claim
+    algorithms: list[str] = ["RS256", "ES256"]
+    leeway_s: float = Field(30.0, ge=0, le=300)
+
+    @model_validator(mode="after")
+    def _check(self) -> JwtConfig:
+        if bool(self.jwks_url) == bool(self.jwks_file):
+            raise ValueError("auth.jwt needs exactly one of jwks_url and jwks_file")
+        bad = set(self.algorithms) - JWT_ALGORITHMS
+        if bad or not self.algorithms:
+            # 'none' and the HMAC family are never accepted: a public key must not double as an HMAC secret.
+            raise ValueError(f"auth.jwt.algorithms must be asymmetric ({', '.join(sorted(JWT_ALGORITHMS))}); refused: {', '.join(sorted(bad)) or 'empty list'}")
+        return self
+
+
+class AuthSettings(_Section):
+    api_keys: list[ApiKeyConfig] = []
+    jwt: JwtConfig | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys) or self.jwt is not None
 
 
 class ModelConfig(_Section):
@@ -96,6 +166,8 @@ class Settings(_Section):
     runs: RunsSettings = RunsSettings()
     egress: EgressSettings = EgressSettings()
     limits: LimitsSettings = LimitsSettings()
+    auth: AuthSettings = AuthSettings()
+    insecure_no_auth: bool = False  # serve a non-loopback address without authentication
     default_model: str = "local"
     models: list[ModelConfig] = Field(default_factory=list, validate_default=True)
 
@@ -125,6 +197,26 @@ class Settings(_Section):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    def check_exposure(self) -> None:
+        """Refuse to serve a non-loopback address with no authentication, unless explicitly allowed."""
+        if self.auth.enabled or self.insecure_no_auth or is_loopback(self.host):
+            return
+        raise ConfigError(
+            f"refusing to listen on {self.host} without authentication: configure auth.api_keys or auth.jwt, "
+            "or pass --insecure-no-auth if something in front of Backstream authenticates"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import ModelConfig, Settings
 from .engine import Run
+from .limits import Quotas
 from .errors import ApiError, not_found
 from .events import Event, new_ulid
 from .models import ModelTable
@@ -93,10 +94,11 @@ def _status_for(run: Run) -> tuple[str, str | None]:
 
 
 class RunScheduler:
-    def __init__(self, settings: Settings, store: StreamStore, models: ModelTable) -> None:
+    def __init__(self, settings: Settings, store: StreamStore, models: ModelTable, quotas: Quotas) -> None:
         self.settings = settings
         self.store = store
         self.models = models
+        self.quotas = quotas
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{new_ulid()}"
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._records: dict[tuple[str, str], RunRecord] = {}
@@ -142,10 +144,13 @@ class RunScheduler:
         await self.dispatcher.stop()
 
     # --- submit and launch ---------------------------------------------------------
-    async def submit(self, tenant: str, message_id: str, chat: ChatRequest, config: ModelConfig, raw_request: bytes) -> RunRecord:
+    async def submit(self, tenant: str, principal: str, message_id: str, chat: ChatRequest, config: ModelConfig, raw_request: bytes) -> RunRecord:
         pending = await self.dispatcher.pending()
         if pending >= self.settings.runs.queue_limit:
             raise ApiError(429, "rate_limit_error", f"the run queue is full ({pending} runs waiting); retry later", headers={"retry-after": "1"})
+        if await self.store.get_run(tenant, message_id) is not None:
+            raise ApiError(409, "conflict_error", f"a run with message_id {message_id!r} already exists")
+        await self.quotas.acquire(principal, tenant, message_id, queued=True)
         now = time.time()
         record = RunRecord(
             tenant=tenant,
@@ -157,8 +162,10 @@ class RunScheduler:
             priority=chat.priority,
             model=config.name,
             owner=self.owner,
+            principal=principal,
         )
         if not await self.store.create_run(record):
+            await self.quotas.release(principal, tenant, message_id)
             raise ApiError(409, "conflict_error", f"a run with message_id {message_id!r} already exists")
         await self.dispatcher.enqueue(record, chat, config)
         return record
@@ -199,6 +206,7 @@ class RunScheduler:
                     if not started:
                         started = True
                         self._pending -= 1
+                        await self.quotas.started(record.principal, record.tenant, record.message_id)
                         metadata = {**record.metadata, "model": run.served_by.name, "provider": run.served_by.provider, "warnings": run.warnings}
                         record.metadata = metadata
                         await self.store.update_run(*record.key, status="processing", updated_at=time.time(), metadata=metadata)
@@ -251,6 +259,7 @@ class RunScheduler:
                     record.message_id, status, run.finish_reason, run.seq, run.request.correlation_id,
                 )
                 await self.dispatcher.finished(record)
+                await self.quotas.release(record.principal, record.tenant, record.message_id)
         except FencedOut:
             log.warning("run %s was taken over by another replica before it ended here", record.message_id)
         finally:
@@ -325,6 +334,7 @@ class RunScheduler:
                 expires_at=now + self.settings.runs.retention_s,
                 event_count=last + 1,
             )
+            await self.quotas.release(record.principal, record.tenant, record.message_id)
         finally:
             self.store.release(*record.key)
 

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from .auth import ANONYMOUS, ANONYMOUS_TENANT, Principal
 from .errors import ApiError, invalid, not_found
 from .events import new_message_id
 from .responses import EventStreamResponse
@@ -73,7 +74,11 @@ def status_body(record: RunRecord, event_count: int) -> dict[str, Any]:
 
 
 def tenant_of(request: Request) -> str:
-    return getattr(request.state, "tenant", None) or "default"
+    return getattr(request.state, "tenant", None) or ANONYMOUS_TENANT
+
+
+def principal_of(request: Request) -> Principal:
+    return getattr(request.state, "principal", None) or ANONYMOUS
 
 
 def _lookup_id(message_id: str) -> str:
@@ -121,7 +126,7 @@ def build_router(read_chat_request: Any) -> APIRouter:
         chat = await read_chat_request(request, app.state.settings)
         config = app.state.models.resolve(chat.model)
         raw = chat.model_dump_json(exclude_none=True, by_alias=True, exclude={"response_format"}).encode()
-        record = await app.state.scheduler.submit(tenant_of(request), message_id or new_message_id(), chat, config, raw)
+        record = await app.state.scheduler.submit(tenant_of(request), principal_of(request).name, message_id or new_message_id(), chat, config, raw)
         return {"message_id": record.message_id, "status": "pending", "message": "Request initiated successfully"}
 
     @router.get(

@@ -41,6 +41,7 @@ class RunRecord:
     priority: int = 0
     model: str = ""
     owner: str = ""  # the process executing it
+    principal: str = ""  # who started it (API key or token subject), for per-key limits
     expires_at: float | None = None
     event_count: int = 0
 

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS runs (
     priority INTEGER NOT NULL,
     model TEXT NOT NULL,
     owner TEXT NOT NULL,
+    principal TEXT NOT NULL,
     expires_at REAL,
     event_count INTEGER NOT NULL,
     PRIMARY KEY (tenant, message_id)
