@@ -204,15 +204,15 @@ async def watch(
     error = ""
     writer = None
     try:
-        async with connect_gate:  # bound the connection burst, not the streaming
+        async with connect_gate:  # bound the burst of TCP connects (the listen backlog), nothing after it
             reader, writer = await asyncio.open_connection(HOST, port, limit=1 << 20)
-            connect_ns = mono_ns()
-            writer.write(
-                f"GET /v1/messages/async/{message_id}/stream HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
-                "Accept: text/event-stream\r\n\r\n".encode("latin-1")
-            )
-            buf = bytearray()
-            status, head = await _read_head(reader, buf)
+        connect_ns = mono_ns()
+        writer.write(
+            f"GET /v1/messages/async/{message_id}/stream HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+            "Accept: text/event-stream\r\n\r\n".encode("latin-1")
+        )
+        buf = bytearray()
+        status, head = await _read_head(reader, buf)
         if status != 200 or b"transfer-encoding: chunked" not in head:
             body = await _read_body(reader, buf, head)
             raise HttpError(f"HTTP {status}: {body[:200]!r}")
@@ -784,7 +784,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2, help="load-generator processes (default 2)")
     ap.add_argument("--post-concurrency", type=int, default=64, help="run starts in flight, over all workers (default 64)")
     ap.add_argument("--connect-concurrency", type=int, default=256,
-                    help="watchers connecting (until their response head) at once, over all workers (default 256)")
+                    help="watcher TCP connects in flight at once, over all workers (default 256)")
     ap.add_argument("--round-timeout", type=float, default=0.0, help="seconds a round may take (default 60 + 4 x run duration)")
     ap.add_argument("--py-spy", metavar="FILE", help="profile the first server during the largest round "
                     "(collapsed stacks to FILE, summary printed; slows the server)")

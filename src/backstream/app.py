@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -18,7 +19,8 @@ from starlette.responses import JSONResponse, Response
 
 from . import __version__
 from .auth import Authenticator
-from .config import Settings
+from .config import Settings, run_options
+from .egress import EgressDenied, check_url
 from .limits import Quotas, build_quotas
 from .engine import MessageFolder, Run
 from .errors import STATUS_BY_TYPE, ApiError, error_body, invalid, pydantic_details
@@ -150,6 +152,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await store.open()
         await scheduler.start()
+        # Everything imported so far lives as long as the process: keep the collector off it,
+        # and collect young objects less often (each token allocates a few).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
         try:
             yield
         finally:
@@ -226,7 +233,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def create_message(request: Request) -> Response:
         """Run a chat request; `stream: true` answers with SSE events, otherwise one JSON message."""
         chat = await read_chat_request(request, settings)
-        run = Run(new_message_id(), chat, models, models.resolve(chat.model))
+        run = Run(new_message_id(), chat, models, models.resolve(chat.model), run_options(settings))
         principal, tenant = principal_of(request), tenant_of(request)
         await quotas.acquire(principal.name, tenant, run.message_id, queued=False)
 
@@ -271,6 +278,18 @@ async def read_chat_request(request: Request, settings: Settings) -> ChatRequest
             raise invalid(f"input_schema exceeds {limits.max_schema_bytes} bytes of JSON", f"tools.{i}.input_schema")
     if chat.output_format is not None and len(orjson.dumps(chat.output_format.schema_)) > limits.max_schema_bytes:
         raise invalid(f"the output schema exceeds {limits.max_schema_bytes} bytes of JSON", "output_config.format.schema")
+    if chat.output_format is not None:
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(chat.output_format.schema_).check_schema(chat.output_format.schema_)
+        except jsonschema.SchemaError as exc:
+            raise invalid(f"not a valid JSON Schema: {exc.message}", "output_config.format.schema") from None
+    for i, server in enumerate(chat.mcp_servers or ()):
+        try:
+            await check_url(server.url, settings.egress)  # before anything connects to it
+        except EgressDenied as exc:
+            raise invalid(f"MCP server {server.name!r} is not allowed: {exc}", f"mcp_servers.{i}.url") from None
     if len(raw) > limits.max_text_chars and sum(_text_chars(m.content) for m in chat.messages) > limits.max_text_chars:
         raise invalid(f"message content exceeds {limits.max_text_chars} characters", "messages")
     return chat

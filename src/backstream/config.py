@@ -43,8 +43,10 @@ class RunsSettings(_Section):
     max_events: int = Field(100_000, ge=10)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     queue_limit: int = Field(10_000, ge=1)
-    # Events are flushed to the store in batches; a watcher sees an event at most this late.
-    flush_interval_ms: float = Field(5.0, ge=0)
+    # Extra wait before flushing a run's events, to batch more per write (0: flush as soon as possible).
+    flush_interval_ms: float = Field(0.0, ge=0)
+    max_steps: int = Field(10, ge=1, le=100)  # model calls per run when server-side (MCP) tools are used
+    tool_timeout_s: float = Field(30.0, gt=0)  # one MCP connection setup or tool call
 
 
 class EgressSettings(_Section):
@@ -278,3 +280,9 @@ def load_settings(
             f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from exc
+
+
+def run_options(settings: Settings) -> Any:
+    from .engine import RunOptions
+
+    return RunOptions(egress=settings.egress, max_steps=settings.runs.max_steps, tool_timeout_s=settings.runs.tool_timeout_s)

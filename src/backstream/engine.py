@@ -12,15 +12,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from .config import ModelConfig
+from .config import EgressSettings, ModelConfig
 from .events import Event
 from .models import ModelTable
 from .providers import Delta, UpstreamError
-from .schema import ChatRequest
+from .schema import ChatRequest, Message, TextBlock, ThinkingBlock, ToolResultBlock, ToolUseBlock
 
 log = logging.getLogger("backstream.engine")
 
@@ -39,10 +40,20 @@ def _add_usage(total: dict[str, Any], step: dict[str, Any]) -> None:
             total[key] = (total[key] or 0) + v
 
 
+@dataclass
+class RunOptions:
+    """Server settings a run needs: where tools may connect, how many steps, tool timeout."""
+
+    egress: EgressSettings = field(default_factory=EgressSettings)
+    max_steps: int = 10
+    tool_timeout_s: float = 30.0
+
+
 class Run:
     """One chat run. Iterate `events()` once; it always ends with `stream_end` unless cancelled."""
 
-    def __init__(self, message_id: str, request: ChatRequest, models: ModelTable, config: ModelConfig) -> None:
+    def __init__(self, message_id: str, request: ChatRequest, models: ModelTable, config: ModelConfig, options: RunOptions | None = None) -> None:
+        self.options = options or RunOptions()
         self.message_id = message_id
         self.request = request
         self.models = models
@@ -94,21 +105,82 @@ class Run:
             yield self.end_event("Error", {"type": "api_error", "message": "internal error while running the request"})
 
     async def _steps(self) -> AsyncIterator[Event]:
-        step = 0
-        finish = "Stop"
-        deltas, first, slot = await self._open()
+        toolbox = None
+        request = self.request
+        if request.mcp_servers:
+            from .tools import ToolBox, ToolSetupError
+
+            reserved = {t.name for t in request.tools or ()}
+            toolbox = ToolBox(request.mcp_servers, request.tool_context, self.options.egress, self.options.tool_timeout_s, reserved)
+            try:
+                await toolbox.start()
+            except ToolSetupError as exc:
+                raise UpstreamError("tool_error", str(exc)) from None
+            request = request.model_copy(update={"tools": [*(request.tools or ()), *toolbox.specs] or None})
         try:
-            yield self.start_event()
-            step += 1
-            async for event in self._step(step, deltas, first):
-                yield event
-            finish = self._step_finish
+            step = 0
+            while True:
+                step += 1
+                deltas, first, slot = await self._open(request)
+                try:
+                    if step == 1:
+                        yield self.start_event()
+                    async for event in self._step(step, deltas, first):
+                        yield event
+                finally:
+                    await deltas.aclose()
+                    self.models.slots.release(slot)
+                finish = self._step_finish
+                calls = [b for b in self._step_blocks if b.type == "tool_use"]
+                if finish != "ToolUse" or toolbox is None or not calls or not all(toolbox.owns(c.name) for c in calls):
+                    break
+                if step >= self.options.max_steps:
+                    yield self.end_event(
+                        "Error", {"type": "step_limit", "message": f"the model was still calling tools after {step} steps (runs.max_steps)"}
+                    )
+                    return
+                results = []
+                for call in calls:  # in order, so tool_result events follow the calls
+                    content, is_error = await toolbox.call(call.name, call.input)
+                    yield self._event("tool_result", tool_call_id=call.id, name=call.name, content=content, is_error=is_error)
+                    results.append(ToolResultBlock(type="tool_result", tool_use_id=call.id, content=content, is_error=is_error))
+                messages = [
+                    *request.messages,
+                    Message(role="assistant", content=list(self._step_blocks)),
+                    Message(role="user", content=results),
+                ]
+                # Later steps may always answer in text: a forced tool_choice would loop forever.
+                request = request.model_copy(update={"messages": messages, "tool_choice": None})
         finally:
-            await deltas.aclose()
-            self.models.slots.release(slot)
+            if toolbox is not None:
+                await toolbox.aclose()
+        error = self._check_output(finish)
+        if error is not None:
+            yield self.end_event("Error", error)
+            return
         yield self.end_event(finish)
 
-    async def _open(self) -> tuple[AsyncIterator[Delta], Delta | None, str]:
+    def _check_output(self, finish: str) -> dict[str, str] | None:
+        """Structured output: the final text must be JSON valid against the schema."""
+        fmt = self.request.output_format
+        if fmt is None:
+            return None
+        text = "".join(b.text for b in self._step_blocks if b.type == "text")
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            why = "was cut off" if finish == "Length" else "is not valid JSON"
+            return {"type": "invalid_output", "message": f"the model's output {why}; it must be JSON matching output_config.format.schema"}
+        import jsonschema
+
+        validator = jsonschema.validators.validator_for(fmt.schema_)(fmt.schema_)
+        problem = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        if problem is not None:
+            where = "/".join(str(p) for p in problem.absolute_path) or "(root)"
+            return {"type": "invalid_output", "message": f"the model's output does not match the schema at {where}: {problem.message}"}
+        return None
+
+    async def _open(self, request: ChatRequest) -> tuple[AsyncIterator[Delta], Delta | None, str]:
         """Start the upstream call, retrying and falling back only until the first delta arrives."""
         last: UpstreamError | None = None
         for config in self.models.route(self.config):
@@ -119,7 +191,7 @@ class Run:
                     if attempt:
                         await asyncio.sleep(_backoff(config, attempt, last))
                     warnings: list[str] = []
-                    deltas = provider.stream(self.request, warnings)
+                    deltas = provider.stream(request, warnings)
                     try:
                         first = await anext(deltas, None)
                     except UpstreamError as exc:
@@ -133,7 +205,8 @@ class Run:
                         await deltas.aclose()
                         raise
                     self.served_by = config
-                    self.warnings = warnings
+                    if not self.started:
+                        self.warnings = warnings
                     if config is not self.config:
                         warnings.append(f"model {self.config.name} failed ({last.message if last else 'error'}); answered by fallback {config.name}")
                     return deltas, first, config.name
@@ -152,15 +225,22 @@ class Run:
         tools: dict[Any, list[Any]] = {}  # index -> [id, name, fragments]
         usage: dict[str, Any] = {}
         finish: str | None = None
+        blocks: list[Any] = []  # this step's content, for the next step's conversation
+        self._step_blocks = blocks
+        stops = StopMatcher(self.request.stop_sequences) if self.request.stop_sequences else None
 
         def close() -> Event | None:
             nonlocal block, parts, signature
             if block is None:
                 return None
             if block == "text":
-                event = self._event("text_complete", text="".join(parts))
+                text = "".join(parts)
+                blocks.append(TextBlock(type="text", text=text))
+                event = self._event("text_complete", text=text)
             elif block == "thinking":
-                event = self._event("thinking_complete", thinking="".join(parts), signature=signature)
+                thinking = "".join(parts)
+                blocks.append(ThinkingBlock(type="thinking", thinking=thinking, signature=signature))
+                event = self._event("thinking_complete", thinking=thinking, signature=signature)
             else:
                 call_id, name, fragments = tools[block]
                 raw = "".join(fragments)
@@ -170,6 +250,9 @@ class Run:
                 except orjson.JSONDecodeError:
                     fields["input"] = {}
                     fields["error"] = "the model produced invalid JSON arguments"
+                if not isinstance(fields["input"], dict):
+                    fields["input"] = {"value": fields["input"]}
+                blocks.append(ToolUseBlock(type="tool_use", id=call_id, name=name, input=fields["input"]))
                 event = self._event("tool_call_complete", **fields)
             block, parts, signature = None, [], None
             return event
@@ -182,7 +265,21 @@ class Run:
 
         async for d in all_deltas():
             kind = d[0]
-            if kind == "text" or kind == "thinking":
+            if kind == "text" and stops is not None:
+                text, stopped = stops.feed(d[1])
+                if stopped:
+                    finish = "StopSequence"
+                if text:
+                    if block != "text":
+                        if (ev := close()) is not None:
+                            yield ev
+                        block = "text"
+                        yield self._event("text_start")
+                    parts.append(text)
+                    yield self._event("text_delta", delta=text)
+                if stopped:
+                    break  # leaving the loop closes the upstream request
+            elif kind == "text" or kind == "thinking":
                 if block != kind:
                     if (ev := close()) is not None:
                         yield ev
@@ -211,6 +308,16 @@ class Run:
                 finish = d[1]
             elif kind == "error":
                 raise UpstreamError(d[1], d[2])
+        if stops is not None and finish != "StopSequence":
+            held = stops.flush()  # text held back in case it began a stop sequence
+            if held:
+                if block != "text":
+                    if (ev := close()) is not None:
+                        yield ev
+                    block = "text"
+                    yield self._event("text_start")
+                parts.append(held)
+                yield self._event("text_delta", delta=held)
         if (ev := close()) is not None:
             yield ev
         if finish is None:
@@ -228,6 +335,34 @@ class Run:
         tools[index] = [call_id, name or "", []]
         out.append(self._event("tool_call_start", tool_call_id=call_id, name=name or ""))
         return out
+
+
+class StopMatcher:
+    """Finds stop sequences in streamed text, even split across chunks, holding back only what might start one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text that can be emitted now, and whether a stop sequence was reached."""
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
 
 
 def _backoff(config: ModelConfig, attempt: int, error: UpstreamError | None) -> float:

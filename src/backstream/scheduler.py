@@ -15,7 +15,7 @@ import socket
 import time
 from typing import Any
 
-from .config import ModelConfig, Settings
+from .config import ModelConfig, Settings, run_options
 from .engine import Run
 from .limits import Quotas
 from .errors import ApiError, not_found
@@ -196,7 +196,7 @@ class RunScheduler:
 
     async def _execute(self, record: RunRecord, chat: ChatRequest, config: ModelConfig) -> None:
         runs = self.settings.runs
-        run = Run(record.message_id, chat, self.models, config)
+        run = Run(record.message_id, chat, self.models, config, run_options(self.settings))
         sink = _StoreSink(self.store, record, runs.max_events, runs.max_bytes, runs.flush_interval_ms / 1000)
         events = run.events()
         started = False
