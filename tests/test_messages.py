@@ -300,3 +300,23 @@ def test_local_model_folded_with_sampling(http: httpx.Client) -> None:
     assert msg["model"] == "local" and msg["content"][0]["type"] == "text" and msg["content"][0]["text"]
     assert msg["finish_reason"] == "Length" and msg["usage"]["completion_tokens"] == 8
     assert msg.get("warnings") is None
+
+
+def test_cancelling_local_model_stops_generation(http: httpx.Client) -> None:
+    # The local model has one slot (max_concurrency 1): a second run can only start quickly
+    # if cancelling the first really stopped llama.cpp mid-generation.
+    long_run = http.post(
+        "/v1/messages/async",
+        json={"model": "local", "max_tokens": 4000, "temperature": 1.0, "messages": [{"role": "user", "content": "Write a very long story."}]},
+    ).json()["message_id"]
+    with http.stream("GET", f"/v1/messages/async/{long_run}/stream") as resp:
+        for line in resp.iter_lines():
+            if line == "event: text_delta":
+                break
+    assert http.post(f"/v1/messages/async/{long_run}/cancel").status_code == 200
+    started = time.monotonic()
+    resp = http.post("/v1/messages", json={"model": "local", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] <= 4
+    assert time.monotonic() - started < 5, "the cancelled generation released the model at once"
+    status = http.get(f"/v1/messages/async/{long_run}/status").json()
+    assert status["status"] == "cancelled"

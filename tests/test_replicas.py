@@ -163,3 +163,24 @@ def test_sync_messages_work_on_redis_replicas(replicas: tuple[ServerProcess, Ser
     with a.client() as ca:
         resp = ca.post("/v1/messages", json={"model": "gpt", "max_tokens": 4, "messages": USER})
         assert resp.status_code == 200 and resp.json()["content"] == [{"type": "text", "text": "sync"}]
+
+
+def test_tenant_limits_hold_across_replicas(fake: FakeUpstream, tmp_path: Path) -> None:
+    prefix = f"bsrep-{uuid.uuid4().hex[:8]}"
+    config = {**replica_config(fake, prefix), "limits": {"tenant_default": {"max_active_runs": 2}}}
+    a = ServerProcess(tmp_path, config, name="limit-a").start()
+    b = ServerProcess(tmp_path, config, name="limit-b").start()
+    fake.script("gpt-up", [Reply(tokens=[f"t{i}" for i in range(200)], delay=0.05)])
+    try:
+        with a.client() as ca, b.client() as cb:
+            first, second = start(ca), start(cb)
+            resp = ca.post("/v1/messages/async", json={"model": "gpt", "messages": USER})
+            assert resp.status_code == 429 and resp.headers["retry-after"]
+            assert cb.post("/v1/messages", json={"model": "gpt", "messages": USER}).status_code == 429, "sync runs count too"
+            assert cb.post(f"/v1/messages/async/{first}/cancel").status_code == 200
+            third = start(cb)
+            for mid in (second, third):
+                cb.post(f"/v1/messages/async/{mid}/cancel")
+    finally:
+        a.stop()
+        b.stop()

@@ -267,3 +267,29 @@ def test_stop_sequence_prefix_that_does_not_complete_is_kept(http: httpx.Client,
     fake.script("gpt-up", [Reply(tokens=["a E", "N", "d"])])
     msg = http.post("/v1/messages", json={"model": "gpt", "max_tokens": 8, "messages": USER, "stop_sequences": ["END"]}).json()
     assert msg["content"] == [{"type": "text", "text": "a ENd"}] and msg["finish_reason"] == "Stop"
+
+
+def test_configured_mcp_server_by_name(fake: FakeUpstream, mcp: McpHttpServer, tmp_path: Any) -> None:
+    token = "configured-mcp-token-from-env-31"
+    SECRETS.add(token)
+    config = {
+        "store": "memory",
+        "models": fake_models(fake),
+        # no egress allow-list entry: configured servers are trusted, request URLs are not
+        "mcp_servers": [{"name": "tools", "url": mcp.url, "authorization_token_env": "TEST_MCP_TOKEN", "allowed_tools": ["add", "lookup"]}],
+    }
+    srv = ServerProcess(tmp_path, config, env={"TEST_MCP_TOKEN": token}, name="mcp-config").start()
+    fake.script("gpt-up", [Reply(tokens=[], tool_calls=[call("add", {"a": 20, "b": 22})]), Reply(tokens=["42"])])
+    mcp.authorizations.clear()
+    try:
+        with srv.client() as c:
+            frames = run_stream(c, mcp_servers=[{"name": "tools"}])
+            assert next(f["data"]["content"] for f in frames if f["event"] == "tool_result") == "42"
+            assert sorted(t["function"]["name"] for t in fake.requests[-2].body["tools"]) == ["add", "lookup"]
+            assert set(mcp.authorizations) == {f"Bearer {token}"}
+            resp = c.post("/v1/messages", json={"model": "gpt", "messages": USER, "mcp_servers": [{"name": "unknown"}]})
+            assert resp.status_code == 422 and "tools" in resp.json()["error"]["message"]
+            resp = c.post("/v1/messages", json={"model": "gpt", "messages": USER, "mcp_servers": [{"name": "direct", "url": mcp.url}]})
+            assert resp.status_code == 422, "a request's own URL still meets the egress rules"
+    finally:
+        srv.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,7 +31,7 @@ from .scheduler import RunScheduler
 from .store import create_store
 from .streams import build_router, principal_of, tenant_of
 from .responses import ClientGone, EventStreamResponse, cancel_on_disconnect
-from .schema import ChatRequest, ErrorResponse, MessageResponse, ModelInfo, ModelList
+from .schema import ChatRequest, ErrorResponse, McpServer, MessageResponse, ModelInfo, ModelList
 
 log = logging.getLogger("backstream.app")
 
@@ -285,14 +286,32 @@ async def read_chat_request(request: Request, settings: Settings) -> ChatRequest
             jsonschema.validators.validator_for(chat.output_format.schema_).check_schema(chat.output_format.schema_)
         except jsonschema.SchemaError as exc:
             raise invalid(f"not a valid JSON Schema: {exc.message}", "output_config.format.schema") from None
-    for i, server in enumerate(chat.mcp_servers or ()):
-        try:
-            await check_url(server.url, settings.egress)  # before anything connects to it
-        except EgressDenied as exc:
-            raise invalid(f"MCP server {server.name!r} is not allowed: {exc}", f"mcp_servers.{i}.url") from None
+    if chat.mcp_servers:
+        chat.mcp_servers = [await _resolve_mcp_server(i, s, settings) for i, s in enumerate(chat.mcp_servers)]
     if len(raw) > limits.max_text_chars and sum(_text_chars(m.content) for m in chat.messages) > limits.max_text_chars:
         raise invalid(f"message content exceeds {limits.max_text_chars} characters", "messages")
     return chat
+
+
+async def _resolve_mcp_server(i: int, server: McpServer, settings: Settings) -> McpServer:
+    """A request's MCP server: its own URL (checked against the egress rules) or a configured one by name."""
+    if server.url is None:
+        configured = next((c for c in settings.mcp_servers if c.name == server.name), None)
+        if configured is None:
+            known = ", ".join(c.name for c in settings.mcp_servers) or "none"
+            raise invalid(f"mcp_servers.{i} has no url and no configured MCP server is named {server.name!r} (configured: {known})", f"mcp_servers.{i}.url")
+        token = server.authorization_token or (os.environ.get(configured.authorization_token_env, "") if configured.authorization_token_env else "") or None
+        tools = server.tool_configuration
+        if configured.allowed_tools is not None:
+            allowed = [t for t in (tools.allowed_tools or configured.allowed_tools) if t in configured.allowed_tools]
+            tools = tools.model_copy(update={"allowed_tools": allowed})
+        # Configured servers are the operator's choice, so they skip the egress rules.
+        return server.model_copy(update={"url": configured.url, "authorization_token": token, "tool_configuration": tools})
+    try:
+        await check_url(server.url, settings.egress)  # before anything connects to it
+    except EgressDenied as exc:
+        raise invalid(f"MCP server {server.name!r} is not allowed: {exc}", f"mcp_servers.{i}.url") from None
+    return server
 
 
 def _text_chars(content: Any) -> int:

@@ -157,6 +157,15 @@ class ModelConfig(_Section):
         return self.model or self.name
 
 
+class McpServerConfig(_Section):
+    """An MCP server the operator trusts; requests use it by name (`mcp_servers: [{name: ...}]`)."""
+
+    name: str = Field(min_length=1, max_length=128)
+    url: str
+    authorization_token_env: str | None = None  # the token itself never goes in the file
+    allowed_tools: list[str] | None = None
+
+
 class Settings(_Section):
     store: Literal["memory", "sqlite", "redis"] = "sqlite"
     data_dir: str = "./.backstream"
@@ -169,6 +178,7 @@ class Settings(_Section):
     egress: EgressSettings = EgressSettings()
     limits: LimitsSettings = LimitsSettings()
     auth: AuthSettings = AuthSettings()
+    mcp_servers: list[McpServerConfig] = []
     insecure_no_auth: bool = False  # serve a non-loopback address without authentication
     default_model: str = "local"
     models: list[ModelConfig] = Field(default_factory=list, validate_default=True)
@@ -285,4 +295,9 @@ def load_settings(
 def run_options(settings: Settings) -> Any:
     from .engine import RunOptions
 
-    return RunOptions(egress=settings.egress, max_steps=settings.runs.max_steps, tool_timeout_s=settings.runs.tool_timeout_s)
+    return RunOptions(
+        egress=settings.egress,
+        trusted_mcp_urls=frozenset(s.url for s in settings.mcp_servers),
+        max_steps=settings.runs.max_steps,
+        tool_timeout_s=settings.runs.tool_timeout_s,
+    )

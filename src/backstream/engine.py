@@ -45,6 +45,7 @@ class RunOptions:
     """Server settings a run needs: where tools may connect, how many steps, tool timeout."""
 
     egress: EgressSettings = field(default_factory=EgressSettings)
+    trusted_mcp_urls: frozenset[str] = frozenset()  # configured MCP servers: exempt from the egress rules
     max_steps: int = 10
     tool_timeout_s: float = 30.0
 
@@ -111,7 +112,7 @@ class Run:
             from .tools import ToolBox, ToolSetupError
 
             reserved = {t.name for t in request.tools or ()}
-            toolbox = ToolBox(request.mcp_servers, request.tool_context, self.options.egress, self.options.tool_timeout_s, reserved)
+            toolbox = ToolBox(request.mcp_servers, request.tool_context, self.options, reserved)
             try:
                 await toolbox.start()
             except ToolSetupError as exc:

@@ -220,7 +220,7 @@ class ToolConfiguration(_Strict):
 
 class McpServer(_Strict):
     name: str = Field(min_length=1, max_length=128)
-    url: str = Field(min_length=1, max_length=2048)
+    url: str | None = Field(None, min_length=1, max_length=2048)  # absent: the server of that name in the config
     type: Literal["url"] | None = None
     authorization_token: str | None = Field(None, max_length=8192, repr=False)
     tool_configuration: ToolConfiguration = ToolConfiguration()

@@ -48,11 +48,12 @@ def _result_text(result: Any) -> tuple[str, bool]:
 
 
 class ToolBox:
-    def __init__(self, servers: list[McpServer], tool_context: Any, egress: EgressSettings, timeout_s: float, reserved_names: set[str]) -> None:
+    def __init__(self, servers: list[McpServer], tool_context: Any, options: Any, reserved_names: set[str]) -> None:
         self.servers = servers
         self.tool_context = tool_context
-        self.egress = egress
-        self.timeout_s = timeout_s
+        self.egress: EgressSettings = options.egress
+        self.trusted: frozenset[str] = options.trusted_mcp_urls
+        self.timeout_s: float = options.tool_timeout_s
         self.reserved = reserved_names
         self.tools: dict[str, RemoteTool] = {}
         self._calls: asyncio.Queue[Any] = asyncio.Queue()
@@ -130,12 +131,15 @@ class ToolBox:
         egress = self.egress
 
         async def check(request: httpx2.Request) -> None:  # every request, redirects included
+            if server.url in self.trusted:
+                return
             try:
                 await check_url(str(request.url), egress)
             except EgressDenied as exc:
                 raise ToolSetupError(f"MCP server {server.name}: {exc}") from None
 
         try:
+            assert server.url is not None  # resolved when the request was read
             if server.url.rstrip("/").endswith("/sse"):
                 def factory(headers: dict[str, Any] | None = None, timeout: Any = None, auth: Any = None) -> httpx2.AsyncClient:
                     return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, event_hooks={"request": [check]})
