@@ -353,19 +353,15 @@ async def _stream_sync(request: Request, run: Run, settings: Settings, release: 
         await release()
         raise failure
 
-    async def frames() -> AsyncIterator[bytes]:
-        for event in head:
-            yield event.frame()
-        async for event in events:
-            yield event.frame()
-
     async def on_close() -> None:
         await events.aclose()
         await release()
         if not run.ended:
             log.info("run %s cancelled: client disconnected", run.message_id)
 
-    return EventStreamResponse(frames(), keepalive_s=settings.keepalive_s, on_close=on_close)  # type: ignore[return-value]
+    return EventStreamResponse(
+        events, keepalive_s=settings.keepalive_s, on_close=on_close, head=b"".join(e.frame() for e in head), encode=Event.frame
+    )
 
 
 async def _fold_sync(request: Request, run: Run) -> Response:

@@ -258,13 +258,16 @@ class Run:
             block, parts, signature = None, [], None
             return event
 
-        async def all_deltas() -> AsyncIterator[Delta]:
-            if first is not None:
-                yield first
-            async for d in deltas:
-                yield d
-
-        async for d in all_deltas():
+        pending = first
+        next_delta = deltas.__anext__
+        while True:
+            if pending is not None:
+                d, pending = pending, None
+            else:
+                try:
+                    d = await next_delta()
+                except StopAsyncIteration:
+                    break
             kind = d[0]
             if kind == "text" and stops is not None:
                 text, stopped = stops.feed(d[1])

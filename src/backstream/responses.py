@@ -62,13 +62,17 @@ class EventStreamResponse(Response):
 
     def __init__(
         self,
-        frames: AsyncIterator[bytes],
+        frames: AsyncIterator[Any],
         *,
         keepalive_s: float = 15.0,
         headers: list[tuple[bytes, bytes]] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        head: bytes = b"",
+        encode: Callable[[Any], bytes] | None = None,
     ) -> None:
-        self.frames = frames
+        self.frames = frames  # bytes, or items that `encode` turns into bytes (saves a generator layer per event)
+        self.head = head  # sent with the response headers
+        self.encode = encode
         self.keepalive_s = keepalive_s
         self.status_code = 200
         self.background = None
@@ -81,8 +85,11 @@ class EventStreamResponse(Response):
 
         async def pump() -> None:
             nonlocal last_write
-            async for frame in self.frames:
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            encode = self.encode
+            if self.head:
+                await send({"type": "http.response.body", "body": self.head, "more_body": True})
+            async for item in self.frames:
+                await send({"type": "http.response.body", "body": encode(item) if encode else item, "more_body": True})
                 last_write = time.monotonic()
 
         async def keepalive() -> None:

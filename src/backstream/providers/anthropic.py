@@ -144,11 +144,11 @@ class AnthropicProvider(Provider):
 
     async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncIterator[Delta]:
         body = build_payload(self.config.upstream_model, self.config.max_tokens, request, warnings)
-        known = {k: body.pop(k) for k in list(body) if k in _SDK_PARAMS}
         parser = AnthropicStreamParser()
         try:
+            # As in the openai provider: the validated body skips the SDK's per-field transform.
             async with self._client.messages.with_streaming_response.create(
-                **known, stream=True, extra_body=body or None
+                model=body["model"], max_tokens=body["max_tokens"], messages=[], stream=True, extra_body=body
             ) as response:
                 decoder = SSEDecoder()
                 async for raw in response.http_response.aiter_raw():
@@ -166,8 +166,3 @@ class AnthropicProvider(Provider):
 
     async def aclose(self) -> None:
         await self._client.close()
-
-
-# Only what every SDK release takes as arguments; the rest goes in extra_body, so SDK
-# signature changes (sampling fields come and go) cannot break a request.
-_SDK_PARAMS = {"model", "max_tokens", "messages"}
