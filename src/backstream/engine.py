@@ -25,6 +25,8 @@ from .schema import ChatRequest, Message, TextBlock, ThinkingBlock, ToolResultBl
 
 log = logging.getLogger("backstream.engine")
 
+_START = {"text": "text_start", "thinking": "thinking_start"}
+_DELTA = {"text": "text_delta", "thinking": "thinking_delta"}
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cache_write_input_tokens", "cache_read_input_tokens", "thought_tokens")
 MAX_BACKOFF_S = 30.0
 
@@ -258,6 +260,19 @@ class Run:
             block, parts, signature = None, [], None
             return event
 
+        def content(kind: str, text: str) -> list[Event]:
+            """A text or thinking delta, opening its block (and closing the previous one) when it starts."""
+            nonlocal block
+            out = []
+            if block != kind:
+                if (ev := close()) is not None:
+                    out.append(ev)
+                block = kind
+                out.append(self._event(_START[kind]))
+            parts.append(text)
+            out.append(self._event(_DELTA[kind], delta=text))
+            return out
+
         pending = first
         next_delta = deltas.__anext__
         while True:
@@ -273,24 +288,13 @@ class Run:
                 text, stopped = stops.feed(d[1])
                 if stopped:
                     finish = "StopSequence"
-                if text:
-                    if block != "text":
-                        if (ev := close()) is not None:
-                            yield ev
-                        block = "text"
-                        yield self._event("text_start")
-                    parts.append(text)
-                    yield self._event("text_delta", delta=text)
+                for ev in content("text", text) if text else ():
+                    yield ev
                 if stopped:
                     break  # leaving the loop closes the upstream request
             elif kind == "text" or kind == "thinking":
-                if block != kind:
-                    if (ev := close()) is not None:
-                        yield ev
-                    block = kind
-                    yield self._event(f"{kind}_start")
-                parts.append(d[1])
-                yield self._event(f"{kind}_delta", delta=d[1])
+                for ev in content(kind, d[1]):
+                    yield ev
             elif kind == "tool_delta":
                 index = d[1]
                 if block != index:
@@ -314,14 +318,8 @@ class Run:
                 raise UpstreamError(d[1], d[2])
         if stops is not None and finish != "StopSequence":
             held = stops.flush()  # text held back in case it began a stop sequence
-            if held:
-                if block != "text":
-                    if (ev := close()) is not None:
-                        yield ev
-                    block = "text"
-                    yield self._event("text_start")
-                parts.append(held)
-                yield self._event("text_delta", delta=held)
+            for ev in content("text", held) if held else ():
+                yield ev
         if (ev := close()) is not None:
             yield ev
         if finish is None:

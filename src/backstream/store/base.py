@@ -75,6 +75,18 @@ class _Tail:
             if not w.done():
                 w.set_result(None)
 
+    async def wait(self, timeout: float) -> bool:
+        """Until the next wake(); False on timeout."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except asyncio.TimeoutError:
+            if fut in self.waiters:
+                self.waiters.remove(fut)
+            return False
+
 
 class StreamStore:
     """Runs and their append-only event logs. All methods are scoped by tenant."""
@@ -177,15 +189,7 @@ class StreamStore:
             tail = self._tails[key] = _Tail(await self._last_seq(key))
         if tail.last_seq > after:
             return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        tail.waiters.append(fut)
-        try:
-            await asyncio.wait_for(fut, timeout)
-            return True
-        except asyncio.TimeoutError:
-            if fut in tail.waiters:
-                tail.waiters.remove(fut)
-            return False
+        return await tail.wait(timeout)
 
     async def last_seq(self, tenant: str, message_id: str) -> int:
         """Position of the last durable event (0: none yet)."""

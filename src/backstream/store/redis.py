@@ -243,16 +243,8 @@ class RedisStore(StreamStore):
             tail = self._tails[key] = _Tail(after)
         if tail.last_seq > after:
             return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        tail.waiters.append(fut)
         self._follow(key, after)
-        try:
-            await asyncio.wait_for(fut, timeout)
-            return True
-        except asyncio.TimeoutError:
-            if fut in tail.waiters:
-                tail.waiters.remove(fut)
-            return False
+        return await tail.wait(timeout)
 
     # --- following remote runs ------------------------------------------------------------
     def _follow(self, key: Key, after: int) -> None:
