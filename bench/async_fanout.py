@@ -611,6 +611,7 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
     # ---- watchers
     lost = seq_errors = bad_end = watcher_errors = 0
     connects: list[int] = []
+    attach_ms: list[float] = []  # GET sent -> first events (the replay) read
     firsts: list[int] = []
     ends: list[int] = []
     total_events = 0
@@ -632,6 +633,8 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
                 connects.append(connect_ns)
             if first_ns:
                 firsts.append(first_ns)
+                if connect_ns:
+                    attach_ms.append((first_ns - connect_ns) / 1e6)
             if end_ns:
                 ends.append(end_ns)
     n_watchers = sum(len(r["watchers"]) for r in results)
@@ -718,6 +721,8 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
         # (100 = one core): anything large means something else ran alongside and the numbers are suspect.
         "other_cpu_pct": 100 * busy * (os.cpu_count() or 1) - 100 * (server_cpu + fake_cpu + sum(lg_cpu)) / wall,
         "start_all_runs_s": post_s,
+        "attach_p50_ms": percentile(sorted(attach_ms), 50), "attach_p99_ms": percentile(sorted(attach_ms), 99),
+        "attach_max_ms": max(attach_ms) if attach_ms else float("nan"),
         "all_watchers_caught_up_s": (all_caught_up - t0) / 1e9 if firsts else float("nan"),
         "round_wall_s": wall, "errors": dict(errors.most_common(10)),
     }
@@ -746,7 +751,9 @@ def row(r: dict[str, Any]) -> list[Any]:
 def print_round(r: dict[str, Any]) -> None:
     print(
         f"    runs started in {r['start_all_runs_s']:.2f} s, all watchers caught up at {r['all_watchers_caught_up_s']:.2f} s, "
-        f"round {r['round_wall_s']:.1f} s; {r['events_received']} events received, {r['live_tokens']} live tokens timed; "
+        f"round {r['round_wall_s']:.1f} s; watch attach (GET sent -> first events) p50 {r['attach_p50_ms']:.1f} ms, "
+        f"p99 {r['attach_p99_ms']:.1f} ms, max {r['attach_max_ms']:.1f} ms;\n"
+        f"    {r['events_received']} events received, {r['live_tokens']} live tokens timed; "
         f"statuses {r['run_statuses']}; loadgen CPU per process "
         + " ".join(f"{x:.0f}%" for x in r["loadgen_cpu_pct_per_process"]),
         flush=True,

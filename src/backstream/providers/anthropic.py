@@ -11,6 +11,7 @@ import httpx2 as httpx  # the transport both official SDKs are built on
 import orjson
 
 from ..schema import ChatRequest, ThinkingEffort, ThinkingEnabled
+from .transport import sdk_http_client
 from .base import OVERLOADED, UPSTREAM, Delta, Provider, SSEDecoder, UpstreamError, sdk_error, timeout_for
 
 _FINISH = {
@@ -140,6 +141,7 @@ class AnthropicProvider(Provider):
             base_url=config.base_url,
             max_retries=0,
             timeout=timeout_for(config),
+            http_client=sdk_http_client(timeout_for(config)),
         )
 
     async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncIterator[Delta]:

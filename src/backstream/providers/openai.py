@@ -27,6 +27,7 @@ from ..schema import (
     ToolResultBlock,
     ToolUseBlock,
 )
+from .transport import sdk_http_client
 from .base import UPSTREAM, Delta, Provider, SSEDecoder, UpstreamError, sdk_error, timeout_for
 
 _FINISH = {"stop": "Stop", "length": "Length", "tool_calls": "ToolUse", "function_call": "ToolUse", "content_filter": "Stop"}
@@ -209,6 +210,7 @@ class OpenAIProvider(Provider):
             base_url=config.base_url,
             max_retries=0,  # retries and fallbacks are ours: only before the first token
             timeout=timeout_for(config),
+            http_client=sdk_http_client(timeout_for(config)),
         )
 
     async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncIterator[Delta]:

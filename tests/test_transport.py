@@ -1,0 +1,115 @@
+"""The lean upstream transport (providers/transport.py), over real sockets: the fake upstream and a TLS server."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ssl
+from pathlib import Path
+
+import httpx2
+import openai
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from backstream.providers.transport import LeanTransport, sdk_http_client
+from tests.fake_upstream import FakeUpstream, Fault, Reply
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+async def test_keep_alive_reuses_connections(fake: FakeUpstream) -> None:
+    fake.script("m", [Reply(tokens=["a", "b"])])
+    before = fake.connections_accepted
+    async with httpx2.AsyncClient(transport=LeanTransport()) as client:
+        for _ in range(5):
+            async with client.stream("POST", fake.base_url + "/chat/completions", json=BODY) as resp:
+                assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+                data = b"".join([chunk async for chunk in resp.aiter_raw()])
+            assert data.count(b"data: ") >= 4 and data.endswith(b"data: [DONE]\n\n")
+    assert fake.connections_accepted - before == 1
+
+
+async def test_read_timeout_and_early_close(fake: FakeUpstream) -> None:
+    fake.script("m", [Reply(fault=Fault.HANG), Reply(tokens=[f"t{i}" for i in range(100)], delay=0.05)])
+    async with httpx2.AsyncClient(transport=LeanTransport(), timeout=httpx2.Timeout(5, read=0.3)) as client:
+        with pytest.raises(httpx2.ReadTimeout):
+            await client.post(fake.base_url + "/chat/completions", json=BODY)
+        async with client.stream("POST", fake.base_url + "/chat/completions", json=BODY) as resp:
+            async for _ in resp.aiter_raw():
+                break
+    rec = fake.requests[-1]
+    await asyncio.to_thread(fake.wait_for_client_close, rec, 2)
+
+
+async def test_dropped_connection_raises(fake: FakeUpstream) -> None:
+    fake.script("m", [Reply(tokens=["a", "b", "c"], fault=Fault.DROP, fault_after=1, delay=0.01)])
+    async with httpx2.AsyncClient(transport=LeanTransport()) as client:
+        with pytest.raises(httpx2.RemoteProtocolError):
+            async with client.stream("POST", fake.base_url + "/chat/completions", json=BODY) as resp:
+                async for _ in resp.aiter_raw():
+                    pass
+
+
+async def test_connect_error_maps_to_the_sdk_error() -> None:
+    client = openai.AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="x", max_retries=0, http_client=httpx2.AsyncClient(transport=LeanTransport()))
+    with pytest.raises(openai.APIConnectionError):
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_proxy_settings_fall_back_to_the_default_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(sdk_http_client(httpx2.Timeout(5)), httpx2.AsyncClient)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert sdk_http_client(httpx2.Timeout(5)) is None
+
+
+def _self_signed(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tmp / "cert.pem", tmp / "key.pem")
+    client = ssl.create_default_context(cafile=str(tmp / "cert.pem"))
+    return server, client
+
+
+async def test_tls_upstream(tmp_path: Path) -> None:
+    server_ctx, client_ctx = _self_signed(tmp_path)
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        seen.append(await reader.readexactly(length))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for part in (b"data: one\n\n", b"data: two\n\n"):
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with httpx2.AsyncClient(transport=LeanTransport(ssl_context=client_ctx)) as client:
+            resp = await client.post(f"https://localhost:{port}/v1/x", json={"a": 1})
+            assert resp.status_code == 200 and resp.text == "data: one\n\ndata: two\n\n"
+        assert seen == [b'{"a":1}'] or seen == [b'{"a": 1}']
+        async with httpx2.AsyncClient(transport=LeanTransport()) as client:
+            with pytest.raises(httpx2.ConnectError):
+                await client.post(f"https://localhost:{port}/v1/x", json={})  # an unknown CA is refused
+    finally:
+        server.close()
+        await server.wait_closed()
