@@ -604,13 +604,14 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
         doc = statuses.get(mid, {})
         run_status[doc.get("status", "unknown")] += 1
         event_counts[i] = int((doc.get("metadata") or {}).get("event_count") or 0)
+    if len(started) < n:
+        run_status["never started (round deadline)"] = n - len(started)
     failed_runs = n - run_status.get("completed", 0)
     counts = sorted(event_counts.values())
     per_run_events = counts[len(counts) // 2] if counts else args.tokens + 6
 
     # ---- watchers
     lost = seq_errors = bad_end = watcher_errors = 0
-    connects: list[int] = []
     attach_ms: list[float] = []  # GET sent -> first events (the replay) read
     firsts: list[int] = []
     ends: list[int] = []
@@ -629,8 +630,6 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
                 errors["watcher: stream did not end with stream_end"] += 1
             if received != expected and not error:
                 errors[f"watcher: received {received} events, status says {expected}"] += 1
-            if connect_ns:
-                connects.append(connect_ns)
             if first_ns:
                 firsts.append(first_ns)
                 if connect_ns:
@@ -642,7 +641,10 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
     # ---- latency: live tokens only (sent after the watcher connected)
     lat_ms: list[float] = []
     steady_ms: list[float] = []
-    all_caught_up = max(firsts) if firsts else 0
+    # When (nearly) every watcher had its replay: 99% of them, so that one straggler does not hide the
+    # steady state. A straggler's late replay is not counted as live delivery anyway (see `watch`).
+    firsts.sort()
+    all_caught_up = firsts[min(len(firsts) - 1, int(len(firsts) * 0.99))] if firsts else 0
     for r in results:
         st = array.array("q")
         st.frombytes(r["stamps"])
@@ -723,7 +725,8 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
         "start_all_runs_s": post_s,
         "attach_p50_ms": percentile(sorted(attach_ms), 50), "attach_p99_ms": percentile(sorted(attach_ms), 99),
         "attach_max_ms": max(attach_ms) if attach_ms else float("nan"),
-        "all_watchers_caught_up_s": (all_caught_up - t0) / 1e9 if firsts else float("nan"),
+        "watchers_caught_up_s": (all_caught_up - t0) / 1e9 if firsts else float("nan"),
+        "last_watcher_caught_up_s": (firsts[-1] - t0) / 1e9 if firsts else float("nan"),
         "round_wall_s": wall, "errors": dict(errors.most_common(10)),
     }
     if errors or failed_runs:
@@ -750,7 +753,7 @@ def row(r: dict[str, Any]) -> list[Any]:
 
 def print_round(r: dict[str, Any]) -> None:
     print(
-        f"    runs started in {r['start_all_runs_s']:.2f} s, all watchers caught up at {r['all_watchers_caught_up_s']:.2f} s, "
+        f"    runs started in {r['start_all_runs_s']:.2f} s, 99% of watchers caught up at {r['watchers_caught_up_s']:.2f} s (all at {r['last_watcher_caught_up_s']:.2f} s), "
         f"round {r['round_wall_s']:.1f} s; watch attach (GET sent -> first events) p50 {r['attach_p50_ms']:.1f} ms, "
         f"p99 {r['attach_p99_ms']:.1f} ms, max {r['attach_max_ms']:.1f} ms;\n"
         f"    {r['events_received']} events received, {r['live_tokens']} live tokens timed; "
@@ -851,13 +854,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "  starts/s = N / time to get every POST answered; max live runs = most runs between POST and stream_end at once.\n"
         "  delivered = events of every type received by all watchers per second, measured over the window in which "
-        "every watcher had caught up and no run had ended\n"
+        "99% of the watchers had caught up (had their replay) and no run had ended\n"
         "    (* = there was no such window, because starting the runs took longer than a run lasts: the best 1 s of live "
         "delivery instead);\n"
         "  expected = N x W x events-per-run / run duration; inside the window only text_delta flow, so a server "
         "that keeps up shows N x W x rate there (tokens/(tokens+6) of expected).\n"
         "  latency = fake sent the token -> watcher read it, for tokens sent after the watcher connected; "
-        "steady p99 = only tokens sent after every watcher had caught up. CPU % = 100 per core."
+        "steady p99 = only tokens sent after 99% of the watchers had caught up. CPU % = 100 per core."
     )
 
     compare = None
@@ -868,10 +871,15 @@ def main(argv: list[str] | None = None) -> int:
             one = next(r for r in results if r["n"] == n and r["replicas"] == 1)
             two = next(r for r in results if r["n"] == n and r["replicas"] == 2)
             ratio = two["delivered_events_per_s"] / one["delivered_events_per_s"] if one["delivered_events_per_s"] else float("nan")
-            compare.append({"n": n, "throughput_ratio_2_over_1": ratio, "p99_ms_1": one["latency_p99_ms"],
-                            "p99_ms_2": two["latency_p99_ms"]})
-            print(f"compare N={n}: throughput ratio 2/1 replicas = {ratio:.3f}; "
-                  f"p99 latency 1 replica {one['latency_p99_ms']:.1f} ms, 2 replicas {two['latency_p99_ms']:.1f} ms")
+            peak_ratio = (two["peak_1s_live_events_per_s"] / one["peak_1s_live_events_per_s"]
+                          if one["peak_1s_live_events_per_s"] else float("nan"))
+            compare.append({"n": n, "throughput_ratio_2_over_1": ratio, "peak_1s_ratio_2_over_1": peak_ratio,
+                            "p99_ms_1": one["latency_p99_ms"], "p99_ms_2": two["latency_p99_ms"],
+                            "lost_1": one["lost_events"], "lost_2": two["lost_events"],
+                            "failed_runs_1": one["failed_runs"], "failed_runs_2": two["failed_runs"]})
+            print(f"compare N={n}: throughput ratio 2/1 replicas = {ratio:.3f} (delivered ev/s), {peak_ratio:.3f} (peak 1 s); "
+                  f"p99 latency 1 replica {one['latency_p99_ms']:.1f} ms, 2 replicas {two['latency_p99_ms']:.1f} ms; "
+                  f"lost {one['lost_events']} / {two['lost_events']}, failed runs {one['failed_runs']} / {two['failed_runs']}")
 
     goal_rounds = [r for r in results if r["n"] == GOAL_N and r["watchers_per_run"] == GOAL_W]
     if goal_rounds:

@@ -20,10 +20,10 @@ from starlette.responses import JSONResponse, Response
 
 from . import __version__
 from .auth import Authenticator
-from .config import Settings, run_options
+from .config import Settings
 from .egress import EgressDenied, check_url
 from .limits import Quotas, build_quotas
-from .engine import MessageFolder, Run
+from .engine import MessageFolder, Run, RunOptions
 from .errors import STATUS_BY_TYPE, ApiError, error_body, invalid, pydantic_details
 from .events import Event, new_message_id, new_ulid
 from .models import ModelTable
@@ -148,6 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
     quotas = build_quotas(settings, getattr(store, "redis", None))
     scheduler = RunScheduler(settings, store, models, quotas)
     authenticator = Authenticator(settings.auth)
+    options = RunOptions.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -234,7 +235,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def create_message(request: Request) -> Response:
         """Run a chat request; `stream: true` answers with SSE events, otherwise one JSON message."""
         chat = await read_chat_request(request, settings)
-        run = Run(new_message_id(), chat, models, models.resolve(chat.model), run_options(settings))
+        run = Run(new_message_id(), chat, models, models.resolve(chat.model), options)
         principal, tenant = principal_of(request), tenant_of(request)
         await quotas.acquire(principal.name, tenant, run.message_id, queued=False)
 

@@ -291,13 +291,3 @@ def load_settings(
         )
         raise ConfigError(f"invalid configuration: {problems}") from exc
 
-
-def run_options(settings: Settings) -> Any:
-    from .engine import RunOptions
-
-    return RunOptions(
-        egress=settings.egress,
-        trusted_mcp_urls=frozenset(s.url for s in settings.mcp_servers),
-        max_steps=settings.runs.max_steps,
-        tool_timeout_s=settings.runs.tool_timeout_s,
-    )

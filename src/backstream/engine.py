@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from .config import EgressSettings, ModelConfig
+from .config import EgressSettings, ModelConfig, Settings
 from .events import Event
 from .models import ModelTable
 from .providers import Delta, UpstreamError
@@ -50,6 +50,15 @@ class RunOptions:
     trusted_mcp_urls: frozenset[str] = frozenset()  # configured MCP servers: exempt from the egress rules
     max_steps: int = 10
     tool_timeout_s: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RunOptions:
+        return cls(
+            egress=settings.egress,
+            trusted_mcp_urls=frozenset(s.url for s in settings.mcp_servers),
+            max_steps=settings.runs.max_steps,
+            tool_timeout_s=settings.runs.tool_timeout_s,
+        )
 
 
 class Run:

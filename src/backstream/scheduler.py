@@ -15,8 +15,8 @@ import socket
 import time
 from typing import Any
 
-from .config import ModelConfig, Settings, run_options
-from .engine import Run
+from .config import ModelConfig, Settings
+from .engine import Run, RunOptions
 from .limits import Quotas
 from .errors import ApiError, not_found
 from .events import Event, new_ulid
@@ -99,6 +99,7 @@ class RunScheduler:
         self.store = store
         self.models = models
         self.quotas = quotas
+        self.options = RunOptions.from_settings(settings)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{new_ulid()}"
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._records: dict[tuple[str, str], RunRecord] = {}
@@ -196,7 +197,7 @@ class RunScheduler:
 
     async def _execute(self, record: RunRecord, chat: ChatRequest, config: ModelConfig) -> None:
         runs = self.settings.runs
-        run = Run(record.message_id, chat, self.models, config, run_options(self.settings))
+        run = Run(record.message_id, chat, self.models, config, self.options)
         sink = _StoreSink(self.store, record, runs.max_events, runs.max_bytes, runs.flush_interval_ms / 1000)
         events = run.events()
         started = False
