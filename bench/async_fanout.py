@@ -464,6 +464,29 @@ def run_async(coro: Any) -> Any:
 # ------------------------------------------------------------------ one round
 
 
+_LOG_LINE = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) (.*)$")
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
+_IDS = re.compile(r"\b(?:msg|req|evt)_[0-9A-Z]+|\b\d+(?:\.\d+)?\b")
+
+
+def log_summary(path: Path, top: int = 8) -> dict[str, int]:
+    """The most frequent WARNING/ERROR lines and exception lines of a server log, ids and numbers masked."""
+    counts: Counter = Counter()
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        m = _LOG_LINE.match(line)
+        if m:
+            counts[_IDS.sub("X", f"{m.group(1)} {m.group(2)}")[:160]] += 1
+            continue
+        m = _EXC_LINE.match(line.strip())
+        if m:
+            counts[_IDS.sub("X", f"raised {m.group(1)}: {m.group(2)}")[:160]] += 1
+    return dict(counts.most_common(top))
+
+
 def server_config(store: str, fake_port: int, spec: str, redis_prefix: str) -> str:
     lines = [f"store: {store}", "log_level: warning", "runs: {queue_limit: 100000}"]
     if store == "redis":
@@ -569,7 +592,7 @@ def run_round(args: argparse.Namespace, n: int, store: str, replicas: int, fake:
             started.update(r["started"])
         ids = [(mid, runs[i][2]) for i, (mid, _, err) in started.items() if mid]
         statuses = run_async(fetch_statuses(ids))
-        logs = [s.log_tail(1500) for s in servers]
+        logs = [log_summary(s.log_path) for s in servers]
     finally:
         for s in servers:
             s.stop()
@@ -597,6 +620,7 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
     # ---- runs
     run_status: Counter = Counter()
     event_counts: dict[int, int] = {}
+    completed_counts: list[int] = []
     for i, (mid, _, err) in started.items():
         if not mid:
             run_status["not started"] += 1
@@ -604,11 +628,13 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
         doc = statuses.get(mid, {})
         run_status[doc.get("status", "unknown")] += 1
         event_counts[i] = int((doc.get("metadata") or {}).get("event_count") or 0)
+        if doc.get("status") == "completed":
+            completed_counts.append(event_counts[i])
     if len(started) < n:
         run_status["never started (round deadline)"] = n - len(started)
     failed_runs = n - run_status.get("completed", 0)
-    counts = sorted(event_counts.values())
-    per_run_events = counts[len(counts) // 2] if counts else args.tokens + 6
+    completed_counts.sort()
+    per_run_events = completed_counts[len(completed_counts) // 2] if completed_counts else args.tokens + 6
 
     # ---- watchers
     lost = seq_errors = bad_end = watcher_errors = 0
@@ -638,31 +664,34 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
                 ends.append(end_ns)
     n_watchers = sum(len(r["watchers"]) for r in results)
 
-    # ---- latency: live tokens only (sent after the watcher connected)
+    # All N runs are live from the moment the last POST was answered until the first stream_end
+    # reaches a watcher: the all-live window. Catch-up stats are reported beside it.
+    firsts.sort()
+    caught_up_99 = firsts[min(len(firsts) - 1, int(len(firsts) * 0.99))] if firsts else 0
+    all_started = max(r["posted_ns"] for r in results) if results else 0
+
+    # ---- latency: live tokens only (sent after the watcher connected); steady: sent inside the window
     lat_ms: list[float] = []
     steady_ms: list[float] = []
-    # When (nearly) every watcher had its replay: 99% of them, so that one straggler does not hide the
-    # steady state. A straggler's late replay is not counted as live delivery anyway (see `watch`).
-    firsts.sort()
-    all_caught_up = firsts[min(len(firsts) - 1, int(len(firsts) * 0.99))] if firsts else 0
+    first_end = min(ends) if ends else 0
     for r in results:
         st = array.array("q")
         st.frombytes(r["stamps"])
         la = array.array("q")
         la.frombytes(r["lats"])
         lat_ms.extend(x / 1e6 for x in la)
-        steady_ms.extend(x / 1e6 for x, s in zip(la, st) if s > all_caught_up)
+        steady_ms.extend(x / 1e6 for x, s in zip(la, st) if all_started < s < first_end)
     lat_ms.sort()
     steady_ms.sort()
 
-    # ---- delivered events/s over the live window: every watcher caught up .. the first stream_end
+    # ---- delivered events/s over the all-live window (live deliveries only: no watcher's first read)
     bins: Counter = Counter()
     for r in results:
         bins.update(r["hist"])
     window = None
-    if firsts and ends:
-        lo = (all_caught_up - t0) // HIST_NS + 1
-        hi = (min(ends) - t0) // HIST_NS  # exclusive
+    if ends and all_started:
+        lo = (all_started - t0) // HIST_NS + 1
+        hi = (first_end - t0) // HIST_NS  # exclusive
         if hi - lo >= 50:  # at least 0.5 s
             window = (lo, hi)
     peak_1s = 0  # the most live events received in any 1 s (sliding over the 10 ms bins)
@@ -678,8 +707,8 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
         delivered = sum(bins.get(b, 0) for b in range(*window)) / window_s
         window_kind = "all-live"
     else:
-        # Never were all runs live at once (starting them took longer than a run lasts):
-        # the best 1 s of live delivery instead.
+        # Never were all runs live at once (starting them took longer than a run lasts, give or
+        # take the lag): the best 1 s of live delivery instead, which includes catch-up bursts.
         window_s = float("nan")
         delivered = float(peak_1s)
         window_kind = "peak-1s"
@@ -725,12 +754,13 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
         "start_all_runs_s": post_s,
         "attach_p50_ms": percentile(sorted(attach_ms), 50), "attach_p99_ms": percentile(sorted(attach_ms), 99),
         "attach_max_ms": max(attach_ms) if attach_ms else float("nan"),
-        "watchers_caught_up_s": (all_caught_up - t0) / 1e9 if firsts else float("nan"),
+        "first_run_ended_s": (first_end - t0) / 1e9 if first_end else float("nan"),
+        "watchers_caught_up_s": (caught_up_99 - t0) / 1e9 if firsts else float("nan"),
         "last_watcher_caught_up_s": (firsts[-1] - t0) / 1e9 if firsts else float("nan"),
         "round_wall_s": wall, "errors": dict(errors.most_common(10)),
     }
     if errors or failed_runs:
-        out["server_log_tail"] = [x[-800:] for x in logs if x.strip()]
+        out["server_log"] = {f"replica{k}": summary for k, summary in enumerate(logs) if summary}
     return out
 
 
@@ -753,7 +783,8 @@ def row(r: dict[str, Any]) -> list[Any]:
 
 def print_round(r: dict[str, Any]) -> None:
     print(
-        f"    runs started in {r['start_all_runs_s']:.2f} s, 99% of watchers caught up at {r['watchers_caught_up_s']:.2f} s (all at {r['last_watcher_caught_up_s']:.2f} s), "
+        f"    runs started in {r['start_all_runs_s']:.2f} s, first stream_end read at {r['first_run_ended_s']:.2f} s, "
+        f"99% of watchers caught up at {r['watchers_caught_up_s']:.2f} s (all at {r['last_watcher_caught_up_s']:.2f} s), "
         f"round {r['round_wall_s']:.1f} s; watch attach (GET sent -> first events) p50 {r['attach_p50_ms']:.1f} ms, "
         f"p99 {r['attach_p99_ms']:.1f} ms, max {r['attach_max_ms']:.1f} ms;\n"
         f"    {r['events_received']} events received, {r['live_tokens']} live tokens timed; "
@@ -766,8 +797,10 @@ def print_round(r: dict[str, Any]) -> None:
               "beyond the server, fake and load generator): these numbers are perturbed", flush=True)
     for text, count in r["errors"].items():
         print(f"    ! {count:6d}  {text}", flush=True)
-    for tail in r.get("server_log_tail", []):
-        print("    server log tail:\n      " + tail.replace("\n", "\n      "), flush=True)
+    for replica, summary in r.get("server_log", {}).items():
+        print(f"    server log, {replica} (most frequent warnings, errors and exceptions; ids replaced by X):", flush=True)
+        for text, count in summary.items():
+            print(f"      {count:6d}  {text}", flush=True)
 
 
 def _json_safe(value: Any) -> Any:
@@ -853,14 +886,13 @@ def main(argv: list[str] | None = None) -> int:
     print(table(HEADERS, [row(r) for r in results], align="ll" + "r" * (len(HEADERS) - 2)))
     print(
         "  starts/s = N / time to get every POST answered; max live runs = most runs between POST and stream_end at once.\n"
-        "  delivered = events of every type received by all watchers per second, measured over the window in which "
-        "99% of the watchers had caught up (had their replay) and no run had ended\n"
-        "    (* = there was no such window, because starting the runs took longer than a run lasts: the best 1 s of live "
-        "delivery instead);\n"
+        "  delivered = events of every type that reached the watchers live (a watcher's first read, its replay, is not "
+        "counted) per second,\n    in the all-live window: from the last POST answered to the first stream_end read "
+        "(* = no such window of 0.5 s: the best 1 s of live delivery instead);\n"
         "  expected = N x W x events-per-run / run duration; inside the window only text_delta flow, so a server "
         "that keeps up shows N x W x rate there (tokens/(tokens+6) of expected).\n"
         "  latency = fake sent the token -> watcher read it, for tokens sent after the watcher connected; "
-        "steady p99 = only tokens sent after 99% of the watchers had caught up. CPU % = 100 per core."
+        "steady p99 = only tokens sent inside the all-live window. CPU % = 100 per core."
     )
 
     compare = None
@@ -900,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "source": version, "cpus": os.cpu_count(), "store": args.store, "watchers": args.watchers,
         "tokens": args.tokens, "rate": args.rate, "loadgen_processes": args.workers,
-        "rounds": [{k: v for k, v in r.items() if k != "server_log_tail"} for r in results],
+        "rounds": results,
         "compare_replicas": compare, "goal_met": met,
     }
     print("RESULT " + json.dumps(_json_safe(result), separators=(",", ":")))

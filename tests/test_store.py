@@ -181,3 +181,15 @@ async def test_many_runs_appending_concurrently(store: StreamStore) -> None:
     await asyncio.gather(*(produce(i) for i in range(n_runs)))
     for i in range(n_runs):
         assert [e.seq for e in await store.read("t1", f"c{i}", limit=1000)] == list(range(1, per_run + 1))
+
+
+async def test_concurrent_first_waiters_all_wake(store: StreamStore) -> None:
+    # Several watchers arriving together at a run with no events yet: none may be left behind.
+    await store.create_run(record("m6"))
+    await store.claim("t1", "m6")
+    waiters = [asyncio.create_task(store.wait("t1", "m6", 0, timeout=3)) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await store.append("t1", "m6", events("m6", 1, 1))
+    assert await asyncio.gather(*waiters) == [True] * 5
+    assert time.monotonic() - t0 < 1

@@ -234,15 +234,23 @@ class RunScheduler:
 
     async def _finish(self, record: RunRecord, run: Run, sink: _StoreSink) -> None:
         abandoned = record.key in self._abandoned
+        store_failed = False
         try:
             await sink.close()
         except FencedOut:
             abandoned = True
         except Exception:
             log.exception("run %s: storing events failed", record.message_id)
+            store_failed = True
         try:
             if not abandoned:
                 status, error_message = _status_for(run)
+                if store_failed:
+                    status, error_message = "error", "the server could not store this run's events"
+                    with contextlib.suppress(Exception):  # best effort: let watchers know why it stopped
+                        last = await self.store.last_seq(*record.key)
+                        end = Event.build(last + 1, "stream_end", record.message_id, finish_reason="Error", usage=run.usage, citations=None, error={"type": "api_error", "message": error_message})
+                        await self.store.append(*record.key, [end])
                 now = time.time()
                 metadata = {**record.metadata, "event_count": run.seq, "usage": run.usage}
                 await self.store.update_run(
@@ -252,7 +260,7 @@ class RunScheduler:
                     completed_at=now,
                     error_message=error_message,
                     expires_at=now + self.settings.runs.retention_s,
-                    event_count=run.seq,
+                    event_count=await self.store.last_seq(*record.key) if store_failed else run.seq,
                     metadata=metadata,
                 )
                 log.info(

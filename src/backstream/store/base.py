@@ -186,7 +186,10 @@ class StreamStore:
         key = (tenant, message_id)
         tail = self._tails.get(key)
         if tail is None:
-            tail = self._tails[key] = _Tail(await self._last_seq(key))
+            last = await self._last_seq(key)
+            # An append may have created the tail while we were reading: never replace it,
+            # or watchers already waiting on it would not be woken.
+            tail = self._tails.setdefault(key, _Tail(last))
         if tail.last_seq > after:
             return True
         return await tail.wait(timeout)

@@ -94,8 +94,11 @@ class RedisStore(StreamStore):
         self.url = url
         self.prefix = prefix
         self.max_events = max_events
-        self.redis = aioredis.from_url(url)
-        self._block = aioredis.from_url(url, single_connection_client=True)
+        # A blocking pool waits for a free connection instead of failing with "Too many connections"
+        # when a thousand runs flush at once.
+        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(url, max_connections=256, timeout=30))
+        # The follower blocks in XREAD for up to 5 s: its socket must not time out first.
+        self._block = aioredis.from_url(url, single_connection_client=True, socket_timeout=None)
         self._fences: dict[Key, int] = {}
         self._lost_keys: set[Key] = set()
         self._followed: dict[Key, int] = {}  # remote runs with waiters -> cursor to follow from

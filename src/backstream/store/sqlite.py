@@ -120,8 +120,7 @@ class SQLiteStore(StreamStore):
     # --- plumbing ------------------------------------------------------------
     def _write_loop(self, conn: sqlite3.Connection) -> None:
         while True:
-            item = self._queue.get()
-            batch = [item]
+            batch = [self._queue.get()]
             while True:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -132,7 +131,23 @@ class SQLiteStore(StreamStore):
             results: list[tuple[Future[Any], Any, BaseException | None]] = []
             try:
                 conn.execute("BEGIN")
-                for fn, fut in batch:
+                i = 0
+                while i < len(batch):
+                    fn, fut = batch[i]
+                    if isinstance(fn, list):
+                        # Consecutive event appends (of any runs) become one executemany.
+                        rows, futs = [], []
+                        while i < len(batch) and isinstance(batch[i][0], list):
+                            rows.extend(batch[i][0])
+                            futs.append(batch[i][1])
+                            i += 1
+                        try:
+                            conn.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?)", rows).close()
+                            results.extend((f, None, None) for f in futs)
+                        except sqlite3.Error as exc:
+                            results.extend((f, None, exc) for f in futs)
+                        continue
+                    i += 1
                     try:
                         value = fn(conn)
                         if isinstance(value, sqlite3.Cursor):
@@ -159,7 +174,8 @@ class SQLiteStore(StreamStore):
                 conn.close()
                 return
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any] | list[tuple[Any, ...]]) -> Any:
+        """Queue a write (a function of the connection, or event rows) for the writer's next transaction."""
         fut: Future[Any] = Future()
         self._queue.put((fn, fut))
         return await asyncio.wrap_future(fut)
@@ -216,8 +232,7 @@ class SQLiteStore(StreamStore):
     # --- events -------------------------------------------------------------------
     async def _persist(self, key: Key, events: Sequence[Event]) -> None:
         tenant, message_id = key
-        rows = [(tenant, message_id, e.seq, e.type, e.data) for e in events]
-        await self._write(lambda c: c.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?)", rows))
+        await self._write([(tenant, message_id, e.seq, e.type, e.data) for e in events])
 
     async def _load_events(self, key: Key, after: int, limit: int) -> list[Event]:
         rows = await self._read(
