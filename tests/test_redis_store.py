@@ -106,3 +106,20 @@ async def test_many_remote_followers_share_one_blocking_read(pair: tuple[RedisSt
         await a.append("t", mid, [ev(mid, 1)])
     assert all(await asyncio.gather(*waiters))
     assert len(await b.redis.client_list()) <= clients_before + 1, "no connection per watched run"
+
+
+async def test_group_commit_reports_a_fenced_out_run(pair: tuple[RedisStore, RedisStore]) -> None:
+    a, b = pair
+    for mid in ("ok", "lost"):
+        await a.create_run(RunRecord(tenant="t", message_id=mid))
+        await a.claim("t", mid)
+    await b.claim("t", "lost")
+    a.enqueue("t", "ok", ev("ok", 1))
+    a.enqueue("t", "lost", ev("lost", 1))
+    await a.sync("t", "ok")
+    with pytest.raises(FencedOut):
+        await a.sync("t", "lost")
+    assert [e.seq for e in await b.read("t", "ok")] == [1]
+    assert await b.read("t", "lost") == []
+    with pytest.raises(FencedOut):
+        a.enqueue("t", "lost", ev("lost", 2))

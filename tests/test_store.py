@@ -193,3 +193,20 @@ async def test_concurrent_first_waiters_all_wake(store: StreamStore) -> None:
     await store.append("t1", "m6", events("m6", 1, 1))
     assert await asyncio.gather(*waiters) == [True] * 5
     assert time.monotonic() - t0 < 1
+
+
+async def test_group_commit_keeps_each_runs_order(store: StreamStore) -> None:
+    ids = [f"g{i}" for i in range(20)]
+    for mid in ids:
+        await store.create_run(record(mid))
+        await store.claim("t1", mid)
+    waiter = asyncio.create_task(store.wait("t1", "g3", 0, timeout=3))
+    for seq in range(1, 31):
+        for mid in ids:
+            store.enqueue("t1", mid, events(mid, seq, 1)[0])
+        if seq % 7 == 0:
+            await asyncio.sleep(0)  # let commits interleave with new events
+    await asyncio.gather(*(store.sync("t1", mid) for mid in ids))
+    assert await waiter is True
+    for mid in ids:
+        assert [e.seq for e in await store.read("t1", mid, limit=100)] == list(range(1, 31))

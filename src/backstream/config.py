@@ -43,8 +43,6 @@ class RunsSettings(_Section):
     max_events: int = Field(100_000, ge=10)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     queue_limit: int = Field(10_000, ge=1)
-    # Extra wait before flushing a run's events, to batch more per write (0: flush as soon as possible).
-    flush_interval_ms: float = Field(0.0, ge=0)
     max_steps: int = Field(10, ge=1, le=100)  # model calls per run when server-side (MCP) tools are used
     tool_timeout_s: float = Field(30.0, gt=0)  # one MCP connection setup or tool call
 

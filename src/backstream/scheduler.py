@@ -36,51 +36,28 @@ class LimitExceeded(Exception):
 
 
 class _StoreSink:
-    """Buffers a run's events and flushes them to the store in order, one batch at a time."""
+    """Checks a run's caps and hands its events to the store's group commit."""
 
-    def __init__(self, store: StreamStore, record: RunRecord, max_events: int, max_bytes: int, flush_interval_s: float) -> None:
+    def __init__(self, store: StreamStore, record: RunRecord, max_events: int, max_bytes: int) -> None:
         self.store = store
         self.tenant, self.message_id = record.key
         self.max_events = max_events
         self.max_bytes = max_bytes
-        self.flush_interval_s = flush_interval_s
         self.count = 0
         self.bytes = 0
-        self._buffer: list[Event] = []
-        self._wake = asyncio.Event()
-        self._closed = False
-        self._task = asyncio.create_task(self._flush_loop())
 
     def add(self, event: Event) -> None:
-        if self._task.done() and self._task.exception() is not None:
-            raise self._task.exception()  # type: ignore[misc]  # storing failed (e.g. fenced out): stop the run
         if event.type != "stream_end":
             if self.count + 1 >= self.max_events:
                 raise LimitExceeded(f"the run exceeded runs.max_events ({self.max_events} events)")
             if self.bytes + len(event.data) > self.max_bytes:
                 raise LimitExceeded(f"the run exceeded runs.max_bytes ({self.max_bytes} bytes)")
+        self.store.enqueue(self.tenant, self.message_id, event)  # raises if storing failed (e.g. fenced out)
         self.count += 1
         self.bytes += len(event.data)
-        self._buffer.append(event)
-        self._wake.set()
-
-    async def _flush_loop(self) -> None:
-        while True:
-            if not self._buffer:
-                if self._closed:
-                    return
-                await self._wake.wait()
-                self._wake.clear()
-                if self.flush_interval_s and not self._closed:
-                    await asyncio.sleep(self.flush_interval_s)
-                continue
-            batch, self._buffer = self._buffer, []
-            await self.store.append(self.tenant, self.message_id, batch)
 
     async def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-        await self._task
+        await self.store.sync(self.tenant, self.message_id)
 
 
 def _status_for(run: Run) -> tuple[str, str | None]:
@@ -198,7 +175,7 @@ class RunScheduler:
     async def _execute(self, record: RunRecord, chat: ChatRequest, config: ModelConfig) -> None:
         runs = self.settings.runs
         run = Run(record.message_id, chat, self.models, config, self.options)
-        sink = _StoreSink(self.store, record, runs.max_events, runs.max_bytes, runs.flush_interval_ms / 1000)
+        sink = _StoreSink(self.store, record, runs.max_events, runs.max_bytes)
         events = run.events()
         started = False
         try:
@@ -227,6 +204,9 @@ class RunScheduler:
             await events.aclose()
             self._abandoned.add(record.key)
             log.warning("run %s was taken over by another replica; stopped here", record.message_id)
+        except Exception:
+            await events.aclose()  # storing failed: _finish records the run as error
+            log.exception("run %s stopped: its events could not be stored", record.message_id)
         finally:
             if not started:
                 self._pending -= 1

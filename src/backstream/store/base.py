@@ -95,6 +95,10 @@ class StreamStore:
 
     def __init__(self) -> None:
         self._tails: dict[Key, _Tail] = {}
+        self._pending: list[tuple[Key, Event]] = []
+        self._sync_waiters: list[asyncio.Future[None]] = []
+        self._failures: dict[Key, Exception] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------
     async def open(self) -> None:
@@ -113,7 +117,8 @@ class StreamStore:
         return 0
 
     def release(self, tenant: str, message_id: str) -> None:
-        return None
+        """The run has ended here: forget what was kept for writing it."""
+        self._failures.pop((tenant, message_id), None)
 
     def wake(self, tenant: str, message_id: str) -> None:
         """Wake a run's watchers so they re-check it (it was deleted elsewhere)."""
@@ -151,11 +156,71 @@ class StreamStore:
 
     # --- events (shared) ----------------------------------------------------------
     async def append(self, tenant: str, message_id: str, events: Sequence[Event]) -> None:
-        """Make events durable, then visible to watchers. One caller per run; order is kept."""
+        """Make events durable now, then visible to watchers (for writes outside a running run)."""
         if not events:
             return
         key = (tenant, message_id)
         await self._persist(key, events)
+        self._publish(key, events)
+
+    def enqueue(self, tenant: str, message_id: str, event: Event) -> None:
+        """Buffer a running run's event for the next group commit, which writes the events of every
+        run in one go; watchers see it once that commit is durable. Raises if storing this run failed."""
+        key = (tenant, message_id)
+        failure = self._failures.get(key)
+        if failure is not None:
+            raise failure
+        self._pending.append((key, event))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_pending())
+
+    async def sync(self, tenant: str, message_id: str) -> None:
+        """Wait until every event enqueued so far is durable; raise if this run's were not stored."""
+        key = (tenant, message_id)
+        if self._pending or (self._flusher is not None and not self._flusher.done()):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._sync_waiters.append(fut)
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_pending())
+            await fut
+        failure = self._failures.get(key)
+        if failure is not None:
+            raise failure
+
+    async def _flush_pending(self) -> None:
+        # While one commit is in flight new events pile up; the next commit takes them all.
+        while self._pending or self._sync_waiters:
+            batch, self._pending = self._pending, []
+            waiters, self._sync_waiters = self._sync_waiters, []
+            if batch:
+                grouped: dict[Key, list[Event]] = {}
+                for key, event in batch:
+                    grouped.setdefault(key, []).append(event)
+                try:
+                    failures = await self._persist_many(grouped)
+                except Exception as exc:  # the whole commit failed
+                    failures = dict.fromkeys(grouped, exc)
+                for key, events in grouped.items():
+                    if key in failures:
+                        self._failures[key] = failures[key]
+                    elif key not in self._failures:
+                        self._publish(key, events)
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    async def _persist_many(self, grouped: dict[Key, list[Event]]) -> dict[Key, Exception]:
+        """Store the events of several runs; backends that can write them at once override this."""
+        failures: dict[Key, Exception] = {}
+        for key, events in grouped.items():
+            try:
+                await self._persist(key, events)
+            except Exception as exc:
+                failures[key] = exc
+        return failures
+
+    def _publish(self, key: Key, events: Sequence[Event]) -> None:
+        """Durable events become visible: into the tail (frames built once), watchers woken."""
         tail = self._tails.get(key)
         if tail is None:
             tail = self._tails[key] = _Tail(events[0].seq - 1)

@@ -153,6 +153,7 @@ class RedisStore(StreamStore):
         return fence
 
     def release(self, tenant: str, message_id: str) -> None:
+        super().release(tenant, message_id)
         self._fences.pop((tenant, message_id), None)
 
     def _lost(self, key: Key) -> None:
@@ -216,6 +217,31 @@ class RedisStore(StreamStore):
                 self._lost(key)
                 raise FencedOut(f"run {key[1]} was taken over by another replica") from None
             raise
+
+    async def _persist_many(self, grouped: dict[Key, list[Event]]) -> dict[Key, Exception]:
+        """Every run's events in one pipeline (one round trip); each run's script checks its own fence."""
+        failures: dict[Key, Exception] = {}
+        keys = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, events in grouped.items():
+                fence = self._fences.get(key)
+                if fence is None:
+                    failures[key] = FencedOut(f"this replica does not own run {key[1]}")
+                    continue
+                args: list[Any] = [str(fence), str(self.max_events)]
+                for e in events:
+                    args += [f"{e.seq}-0", e.type, e.data]
+                await self._append(keys=[self.meta_key(key), self.events_key(key)], args=args, client=pipe)  # queues it
+                keys.append(key)
+            results = await pipe.execute(raise_on_error=False)
+        for key, result in zip(keys, results):
+            if isinstance(result, Exception):
+                if "FENCED" in str(result):
+                    self._lost(key)
+                    failures[key] = FencedOut(f"run {key[1]} was taken over by another replica")
+                else:
+                    failures[key] = result
+        return failures
 
     async def _load_events(self, key: Key, after: int, limit: int) -> list[Event]:
         entries = await self.redis.xrange(self.events_key(key), min=f"{after + 1}-0", max="+", count=limit)

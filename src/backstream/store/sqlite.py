@@ -234,6 +234,11 @@ class SQLiteStore(StreamStore):
         tenant, message_id = key
         await self._write([(tenant, message_id, e.seq, e.type, e.data) for e in events])
 
+    async def _persist_many(self, grouped: dict[Key, list[Event]]) -> dict[Key, Exception]:
+        rows = [(t, m, e.seq, e.type, e.data) for (t, m), events in grouped.items() for e in events]
+        await self._write(rows)  # one executemany for every run's events; an error fails them all
+        return {}
+
     async def _load_events(self, key: Key, after: int, limit: int) -> list[Event]:
         rows = await self._read(
             lambda c: c.execute(
