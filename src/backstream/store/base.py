@@ -9,6 +9,7 @@ thousand runs cost one serialisation per event and no extra reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -73,19 +74,30 @@ class _Tail:
         waiters, self.waiters = self.waiters, []
         for w in waiters:
             if not w.done():
-                w.set_result(None)
+                w.set_result(True)
 
     async def wait(self, timeout: float) -> bool:
-        """Until the next wake(); False on timeout."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Until the next wake(); False on timeout.
+
+        One future and one timer per wait (asyncio.wait_for costs several more objects,
+        and every watcher of every run waits once per event).
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
         self.waiters.append(fut)
+        timer = loop.call_later(timeout, _time_out, fut)
         try:
-            await asyncio.wait_for(fut, timeout)
-            return True
-        except asyncio.TimeoutError:
-            if fut in self.waiters:
-                self.waiters.remove(fut)
-            return False
+            return await fut
+        finally:
+            timer.cancel()
+            if not fut.done() or fut.result() is False:
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(fut)
+
+
+def _time_out(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
 
 
 class StreamStore:
