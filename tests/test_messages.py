@@ -320,3 +320,19 @@ def test_cancelling_local_model_stops_generation(http: httpx.Client) -> None:
     assert time.monotonic() - started < 5, "the cancelled generation released the model at once"
     status = http.get(f"/v1/messages/async/{long_run}/status").json()
     assert status["status"] == "cancelled"
+
+
+def test_metrics(http: httpx.Client, fake: FakeUpstream) -> None:
+    fake.script("gpt-up", [Reply(tokens=["a", "b"], usage=(5, 2))])
+    before = http.get("/metrics").text
+    assert http.post("/v1/messages", json={"model": "gpt", "max_tokens": 4, "messages": USER}).status_code == 200
+    after = http.get("/metrics")
+    assert after.status_code == 200 and after.headers["content-type"].startswith("text/plain")
+
+    def value(text: str, line_start: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+    key = 'backstream_runs_finished_total{finish_reason="Stop",kind="sync",model="gpt"}'
+    assert value(after.text, key) == value(before, key) + 1
+    assert value(after.text, 'backstream_tokens_total{direction="completion",model="gpt"}') >= 2
+    assert "backstream_background_runs_pending" in after.text

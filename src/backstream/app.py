@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from . import __version__
+from . import __version__, metrics
 from .auth import Authenticator
 from .config import Settings
 from .egress import EgressDenied, check_url
@@ -199,6 +200,13 @@ def create_app(settings: Settings) -> FastAPI:
             return error_response(request.scope, 503, "overloaded_error", "not ready", details)
         return ORJSONResponse({"status": "ready"})
 
+    @app.get("/metrics", tags=["operations"], response_class=Response, responses={200: {"content": {"text/plain": {"example": "backstream_runs_started_total{kind=\"sync\",model=\"local\"} 3.0"}}}})
+    async def metrics_endpoint() -> Response:
+        """Prometheus metrics: runs, events, tokens, queue."""
+        metrics.ACTIVE_RUNS.set(scheduler.active)
+        metrics.PENDING_RUNS.set(scheduler.local_pending)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models", response_model=ModelList, tags=["models"])
     async def list_models() -> ModelList:
         """The model names and aliases this server routes."""
@@ -238,9 +246,12 @@ def create_app(settings: Settings) -> FastAPI:
         run = Run(new_message_id(), chat, models, models.resolve(chat.model), options)
         principal, tenant = principal_of(request), tenant_of(request)
         await quotas.acquire(principal.name, tenant, run.message_id, queued=False)
+        metrics.RUNS_STARTED.labels("sync", run.config.name).inc()
+        started = time.monotonic()
 
         async def release() -> None:
             await quotas.release(principal.name, tenant, run.message_id)
+            metrics.record_run("sync", run.served_by.name, run.finish_reason or "Cancelled", run.seq, run.usage, time.monotonic() - started)
 
         if chat.stream:
             return await _stream_sync(request, run, settings, release)

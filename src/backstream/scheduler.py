@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Any
 
+from . import metrics
 from .config import ModelConfig, Settings
 from .engine import Run, RunOptions
 from .limits import Quotas
@@ -150,6 +151,7 @@ class RunScheduler:
 
     def launch(self, record: RunRecord, chat: ChatRequest, config: ModelConfig) -> None:
         self._pending += 1
+        metrics.RUNS_STARTED.labels("background", config.name).inc()
         task = asyncio.create_task(self._execute(record, chat, config), name=f"run:{record.message_id}")
         self._tasks[record.key] = task
         self._records[record.key] = record
@@ -243,6 +245,7 @@ class RunScheduler:
                     event_count=await self.store.last_seq(*record.key) if store_failed else run.seq,
                     metadata=metadata,
                 )
+                metrics.record_run("background", run.served_by.name, run.finish_reason, run.seq, run.usage, now - record.created_at)
                 log.info(
                     "run %s %s finish=%s events=%d correlation_id=%s",
                     record.message_id, status, run.finish_reason, run.seq, run.request.correlation_id,
