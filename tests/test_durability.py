@@ -61,18 +61,22 @@ def test_kill_9_mid_stream_then_restart(fake: FakeUpstream, tmp_server: Any) -> 
         assert not {"pending", "processing"} & set(nothing_stuck)
 
 
-def test_graceful_stop_ends_running_runs(fake: FakeUpstream, tmp_server: Any) -> None:
+def test_graceful_stop_ends_running_runs_and_keeps_queued_ones(fake: FakeUpstream, tmp_server: Any) -> None:
     srv = tmp_server("graceful", store="sqlite")
-    fake.script("gpt-up", [Reply(tokens=[f"t{i}" for i in range(400)], delay=0.02)])
+    fake.script("gpt-one-up", [Reply(tokens=[f"t{i}" for i in range(400)], delay=0.02), Reply(tokens=["queued", " one"])])
     with srv.client() as c:
-        mid = start(c)
+        mid = start(c, model="gpt-one")
         watch_first(c, mid, 5)
+        queued = start(c, model="gpt-one")  # waits for gpt-one's only slot
+        assert c.get(f"/v1/messages/async/{queued}/status").json()["status"] == "pending"
     srv.stop()
     srv.start()
     with srv.client() as c:
         status = c.get(f"/v1/messages/async/{mid}/status").json()
         assert status["status"] == "error" and "shut down" in status["error_message"]
         assert watch(c, mid)[-1]["data"]["finish_reason"] == "Error"
+        assert wait_status(c, queued, TERMINAL)["status"] == "completed"
+        assert [f["data"]["text"] for f in watch(c, queued) if f["event"] == "text_complete"] == ["queued one"]
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])

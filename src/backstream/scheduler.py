@@ -199,7 +199,10 @@ class RunScheduler:
             if record.key in self._abandoned:
                 pass
             elif self.stopping and record.key not in self._cancelling:
-                sink.add(run.end_event("Error", {"type": "api_error", "message": SHUTDOWN_MESSAGE}))
+                if started:
+                    sink.add(run.end_event("Error", {"type": "api_error", "message": SHUTDOWN_MESSAGE}))
+                else:
+                    self._abandoned.add(record.key)  # still queued: it stays pending and starts again with the server
             else:
                 sink.add(run.end_event("Cancelled"))
         except FencedOut:
