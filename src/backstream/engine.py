@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -394,7 +393,6 @@ class MessageFolder:
         self.usage: dict[str, Any] = _empty_usage()
         self.error: dict[str, Any] | None = None
         self.warnings: list[str] = []
-        self.started_at = time.time()
 
     def feed(self, event: Event) -> None:
         f = event.load()

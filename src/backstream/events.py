@@ -14,23 +14,6 @@ from typing import Any
 
 import orjson
 
-EVENT_TYPES = (
-    "stream_start",
-    "step_start",
-    "text_start",
-    "text_delta",
-    "text_complete",
-    "thinking_start",
-    "thinking_delta",
-    "thinking_complete",
-    "tool_call_start",
-    "tool_call_delta",
-    "tool_call_complete",
-    "tool_result",
-    "step_finish",
-    "stream_end",
-)
-FINISH_REASONS = ("Stop", "Length", "StopSequence", "ToolUse", "Cancelled", "Error")
 KEEPALIVE = b": keepalive\n\n"
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

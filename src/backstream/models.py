@@ -20,9 +20,6 @@ class ModelSlots:
         self._waiters: dict[str, list[tuple[int, int, asyncio.Future[None]]]] = {m: [] for m in capacity}
         self._order = itertools.count()
 
-    def in_use(self, model: str) -> int:
-        return self._used[model]
-
     def waiting(self, model: str) -> int:
         return sum(1 for *_, f in self._waiters[model] if not f.done())
 

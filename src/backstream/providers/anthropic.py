@@ -78,11 +78,10 @@ def build_payload(model: str, default_max_tokens: int, request: ChatRequest, war
 class AnthropicStreamParser:
     """Anthropic SSE events -> deltas; keeps the usage that message_start and message_delta split."""
 
-    __slots__ = ("usage", "_tool_index")
+    __slots__ = ("usage",)
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] = {}
-        self._tool_index: dict[int, int] = {}
 
     def deltas(self, kind: bytes, event: dict[str, Any]) -> list[Delta]:
         t = event.get("type") or kind.decode()

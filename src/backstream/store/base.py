@@ -18,7 +18,6 @@ from typing import Any
 from ..events import Event
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "error"})
-STATUSES = ("pending", "processing", *sorted(TERMINAL))
 Key = tuple[str, str]  # (tenant, message_id)
 
 TAIL_MAX = 8192  # events per run kept in memory; older ones are read from the backend
