@@ -470,7 +470,7 @@ def _anthropic_plan(mid: str, model: str | None, reply: Reply) -> _Plan:
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": _anthropic_stop(reply), "stop_sequence": None},
-                "usage": {"output_tokens": ct},
+                "usage": {"output_tokens": ct, **({"output_tokens_details": {"thinking_tokens": len(reply.reasoning)}} if reply.reasoning else {})},
             },
         )
     )

@@ -90,6 +90,7 @@ def test_reasoning_streams_as_thinking(http: httpx.Client, fake: FakeUpstream, m
     else:
         assert sent["thinking"]["type"] == "enabled"
         assert frames[5]["data"]["signature"], "the thinking signature is kept for the next turn"
+        assert frames[-1]["data"]["usage"]["thought_tokens"] == 2
 
 
 @pytest.mark.parametrize("model", ["gpt", "claude"])

@@ -117,6 +117,9 @@ class AnthropicStreamParser:
             for ours, theirs in (("completion_tokens", "output_tokens"), ("prompt_tokens", "input_tokens")):
                 if u.get(theirs) is not None:
                     self.usage[ours] = u[theirs]
+            thinking = (u.get("output_tokens_details") or {}).get("thinking_tokens")
+            if thinking is not None:
+                self.usage["thought_tokens"] = thinking
             out.append(("usage", dict(self.usage)))
             reason = (event.get("delta") or {}).get("stop_reason")
             if reason:
