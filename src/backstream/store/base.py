@@ -231,13 +231,12 @@ class StreamStore:
         return failures
 
     def _publish(self, key: Key, events: Sequence[Event]) -> None:
-        """Durable events become visible: into the tail (frames built once), watchers woken."""
+        """Durable events become visible: into the tail (the first watcher builds each frame, all share it), watchers woken."""
         tail = self._tails.get(key)
         if tail is None:
             tail = self._tails[key] = _Tail(events[0].seq - 1)
         for e in events:
             e.fields = None  # the bytes are the record; keep memory per event small
-            e.frame_bytes()
         tail.events.extend(events)
         if len(tail.events) > TAIL_MAX:
             del tail.events[: len(tail.events) - TAIL_MAX // 2]
