@@ -20,6 +20,8 @@ import yaml
 from tests.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
+# The suite's own Redis database; concurrent runs on one machine each pick another one.
+REDIS_URL = os.environ.get("BACKSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 LOG_DIR = Path(os.environ.get("BACKSTREAM_TEST_LOGS", ROOT / ".pytest_cache" / "server-logs"))
 # Every credential a test uses; test_zz_logs.py checks that no server log ever contains one.
 SECRETS: set[str] = set()
@@ -159,7 +161,7 @@ def bg_server(request: pytest.FixtureRequest, fake: FakeUpstream, tmp_path_facto
     tmp = tmp_path_factory.mktemp(f"bg-{request.param}")
     config: dict[str, Any] = {"store": request.param, "models": fake_models(fake), "keepalive_s": 1}
     if request.param == "redis":
-        config["redis"] = {"url": "redis://127.0.0.1:6379/15", "key_prefix": f"bsbg-{os.getpid()}"}
+        config["redis"] = {"url": REDIS_URL, "key_prefix": f"bsbg-{os.getpid()}"}
     srv = ServerProcess(tmp, config, name=f"bg-{request.param}").start()
     yield srv
     srv.stop()
@@ -173,10 +175,10 @@ def bg(bg_server: ServerProcess) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _redis_test_db() -> Iterator[None]:
-    """Redis database 15 belongs to the test suite: emptied before and after it."""
+    """The suite's Redis database (REDIS_URL) belongs to it: emptied before and after it."""
     import redis
 
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/15")
+    client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     yield
     client.flushdb()

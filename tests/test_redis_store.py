@@ -13,8 +13,7 @@ import redis.asyncio as aioredis
 from backstream.events import Event
 from backstream.store import FencedOut, RunRecord
 from backstream.store.redis import RedisStore
-
-REDIS_URL = "redis://127.0.0.1:6379/15"  # the test suite's own database
+from tests.conftest import REDIS_URL
 
 
 def redis_factory() -> Callable[[], RedisStore]:

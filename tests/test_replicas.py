@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ServerProcess, fake_models
+from tests.conftest import REDIS_URL, ServerProcess, fake_models
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.test_streams import TERMINAL, USER, start, wait_status, watch, watch_first
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 LEASE_S = 1.5
 
 
