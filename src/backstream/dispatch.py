@@ -41,12 +41,30 @@ redis.call('ZREM', KEYS[1], top[1])
 redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[2]), top[1])
 return top[1]
 """
+# Expired leases are not dropped but taken: the reaper holds them while it ends or requeues
+# each run, so a reaper that fails or dies half-way leaves them to expire and be retried.
 _REAP = """
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
-if #dead > 0 then redis.call('ZREM', KEYS[1], unpack(dead)) end
+for i = 1, #dead do redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), dead[i]) end
 return dead
 """
+# KEYS[1]: the run's queue, then every other model's queue; ARGV: limit (-1: none), score, member.
+# Counting and adding in one script makes runs.queue_limit hold under concurrent starts.
+_ENQUEUE = """
+local limit = tonumber(ARGV[1])
+if limit >= 0 then
+  local n = 0
+  for i = 1, #KEYS do n = n + redis.call('ZCARD', KEYS[i]) end
+  if n >= limit then return 0 end
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
 _PRIORITY_SPAN = 10**13  # ms timestamps stay below this for centuries: score = priority * span + arrival
+
+
+def _score(record: RunRecord) -> int:
+    return record.priority * _PRIORITY_SPAN + int(record.created_at * 1000)
 
 
 def member(record: RunRecord) -> str:
@@ -69,8 +87,15 @@ class LocalDispatcher:
     async def stop(self) -> None:
         return None
 
-    async def enqueue(self, record: RunRecord, chat: Any, config: Any) -> None:
+    async def enqueue(self, record: RunRecord, chat: Any, config: Any, limit: int | None = None) -> bool:
+        # No await between the check and launch(), which counts the run: atomic on the event loop.
+        if limit is not None and self.scheduler.local_pending >= limit:
+            return False
         self.scheduler.launch(record, chat, config)
+        return True
+
+    async def hand_over(self, record: RunRecord) -> None:
+        return None  # it stays pending in the store; recovery starts it with the server
 
     async def pending(self) -> int:
         return self.scheduler.local_pending
@@ -79,7 +104,7 @@ class LocalDispatcher:
         return None
 
     async def cancel_elsewhere(self, record: RunRecord) -> None:
-        # Nobody else can be executing it: end it here.
+        # Nobody else can be executing it: end it here (a log that already ended keeps its ending).
         await self.scheduler.end_orphan(record, "Cancelled", None)
 
     async def deleted(self, record: RunRecord) -> None:
@@ -113,6 +138,7 @@ class RedisDispatcher:
     async def start(self) -> None:
         self._claim = self.redis.register_script(_CLAIM)
         self._reap = self.redis.register_script(_REAP)
+        self._enqueue = self.redis.register_script(_ENQUEUE)
         self._pubsub = self.redis.pubsub()
         await self._pubsub.subscribe(self.control_channel)
         self._tasks = [
@@ -136,9 +162,24 @@ class RedisDispatcher:
         await self.redis.publish(self.control_channel, orjson.dumps({"op": op, "tenant": record.tenant, "id": record.message_id, **extra}))
 
     # --- queue ------------------------------------------------------------------------
-    async def enqueue(self, record: RunRecord, chat: Any = None, config: Any = None) -> None:
-        score = record.priority * _PRIORITY_SPAN + int(record.created_at * 1000)
-        await self.redis.zadd(self.queue_key(record.model), {member(record): score})
+    async def enqueue(self, record: RunRecord, chat: Any = None, config: Any = None, limit: int | None = None) -> bool:
+        target = self.queue_key(record.model)
+        keys = [target] + [self.queue_key(m) for m in self.capacity if self.queue_key(m) != target]
+        args = [-1 if limit is None else limit, _score(record), member(record)]
+        if not await self._enqueue(keys=keys, args=args):
+            return False
+        await self._publish("work", record)
+        return True
+
+    async def hand_over(self, record: RunRecord) -> None:
+        """Give a claimed run that has not started back to the queue, at its old place, for any replica."""
+        await self._requeue(record)
+
+    async def _requeue(self, record: RunRecord) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.running_key(record.model), member(record))
+            pipe.zadd(self.queue_key(record.model), {member(record): _score(record)})
+            await pipe.execute()
         await self._publish("work", record)
 
     async def pending(self) -> int:
@@ -161,13 +202,14 @@ class RedisDispatcher:
             await self.scheduler.end_orphan(record, "Cancelled", None)  # it was still queued: nobody else has it
             return
         await self._publish("cancel", record)
-        deadline = time.monotonic() + max(2.0, self.settings.redis.lease_s)
+        # Wait long enough for a takeover to end the run if its replica is dead: ending it here
+        # as well would race the reaper (the fence keeps it to one ending; the answer reports which).
+        deadline = time.monotonic() + self.settings.redis.lease_s * 4 / 3 + 1.0
         while time.monotonic() < deadline:
             current = await self.store.get_run(record.tenant, record.message_id)
             if current is None or current.terminal:
                 return
             await self.store.wait(record.tenant, record.message_id, await self.store.last_seq(record.tenant, record.message_id), 0.5)
-        # The executing replica did not answer: it is gone; end the run ourselves.
         current = await self.store.get_run(record.tenant, record.message_id)
         if current is not None and not current.terminal:
             await self.scheduler.end_orphan(current, "Cancelled", None)
@@ -203,8 +245,8 @@ class RedisDispatcher:
             self._kick.clear()
             try:
                 await self._claim_all()
-            except RedisError as exc:
-                log.warning("claiming runs failed: %s", exc)
+            except Exception as exc:  # this loop must outlive any one failure
+                log.warning("claiming runs failed: %s: %s", type(exc).__name__, exc)
 
     async def _claim_all(self) -> None:
         for model, capacity in self.capacity.items():
@@ -231,40 +273,50 @@ class RedisDispatcher:
             try:
                 await self._renew()
                 await self._reap_expired()
-            except RedisError as exc:
-                log.warning("lease upkeep failed: %s", exc)
+            except Exception as exc:  # this loop must outlive any one failure
+                log.warning("lease upkeep failed: %s: %s", type(exc).__name__, exc)
 
     async def _renew(self) -> None:
-        records = self.scheduler.local_records()
+        """Extend the leases of the runs we execute, unless another replica's claim fenced us out."""
+        records = [r for r in self.scheduler.local_records() if self.store.fence_of(r.key) is not None]
         if not records:
             return
+        stored = await self.store.current_fences([r.key for r in records])
         deadline = int(time.time() * 1000) + self.lease_ms
         async with self.redis.pipeline(transaction=False) as pipe:
-            for r in records:
-                pipe.zadd(self.running_key(r.model), {member(r): deadline}, xx=True, ch=True)
-            results = await pipe.execute()
-        for r, changed in zip(records, results):
-            if not changed:  # our lease was reaped: another replica took the run over
+            for r, fence in zip(records, stored):
+                if fence == self.store.fence_of(r.key):
+                    pipe.zadd(self.running_key(r.model), {member(r): deadline}, xx=True)
+            await pipe.execute()
+        for r, fence in zip(records, stored):
+            if fence != self.store.fence_of(r.key):
                 log.warning("run %s was taken over by another replica; stopping it here", r.message_id)
                 self.scheduler.abandon_local(r.tenant, r.message_id)
 
     async def _reap_expired(self) -> None:
         now = int(time.time() * 1000)
         for model in self.capacity:
-            dead = await self._reap(keys=[self.running_key(model)], args=[now])
+            dead = await self._reap(keys=[self.running_key(model)], args=[now, self.lease_ms])
             for m in dead or ():
-                await self._take_over(*_split(m))
+                tenant, mid = _split(m)
+                try:  # each takeover on its own: one that fails keeps its lease and is retried later
+                    await self._take_over(model, tenant, mid)
+                except Exception as exc:
+                    log.warning("taking over run %s failed (%s: %s); retried when its lease expires", mid, type(exc).__name__, exc)
+        self._kick.set()
 
-    async def _take_over(self, tenant: str, mid: str) -> None:
+    async def _take_over(self, model: str, tenant: str, mid: str) -> None:
+        """End or requeue a run whose replica stopped renewing its lease (we hold the lease now)."""
         record = await self.store.get_run(tenant, mid)
         if record is None or record.terminal:
+            await self.redis.zrem(self.running_key(model), f"{tenant}/{mid}")
             return
         await self.store.claim(tenant, mid)  # fence the presumed-dead owner out
-        if await self.store.last_seq(tenant, mid) == 0:
+        if await self.store.last_event(tenant, mid) is None:
             self.store.release(tenant, mid)
+            await self._requeue(record)
             log.info("run %s requeued: its replica stopped before the first event", mid)
-            await self.enqueue(record)
-        else:
-            log.warning("run %s ended with error: its replica stopped mid-stream", mid)
-            await self.scheduler.end_orphan(record, "Error", {"type": "api_error", "message": "the replica running this run stopped"}, claimed=True)
-        self._kick.set()
+            return
+        status = await self.scheduler.end_orphan(record, "Error", {"type": "api_error", "message": "the replica running this run stopped"}, claimed=True)
+        await self.redis.zrem(self.running_key(model), f"{tenant}/{mid}")
+        log.warning("run %s taken over from a stopped replica; ended as %s", mid, status)

@@ -103,8 +103,11 @@ class StreamStore:
     """Runs and their append-only event logs. All methods are scoped by tenant."""
 
     name = "base"
+    # Backend errors that mean "the store cannot be reached now" (the edge answers 503, callers retry).
+    unavailable_errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self) -> None:
+        self.closing = False  # shutting down: watchers of runs that go on elsewhere are let go
         self._tails: dict[Key, _Tail] = {}
         self._pending: list[tuple[Key, Event]] = []
         self._sync_waiters: list[asyncio.Future[None]] = []
@@ -122,9 +125,24 @@ class StreamStore:
         """Readiness: None when usable, else a reason."""
         return None
 
+    def unavailable(self, exc: BaseException) -> bool:
+        """True when `exc` says the store is out of reach (retry later), not that a request was wrong."""
+        return isinstance(exc, self.unavailable_errors)
+
+    def close_watchers(self) -> None:
+        """Shutdown: wake every watcher; those of runs not ended here close cleanly and resume elsewhere."""
+        self.closing = True
+        for key in list(self._tails):
+            self._drop_tail(key)
+
     # --- ownership (fencing matters only when several processes share a store) ----
     async def claim(self, tenant: str, message_id: str) -> int:
-        """Become the only writer of a run; returns the fencing token."""
+        """Become the only writer of a run; returns the fencing token.
+
+        The new writer appends after the log's real last event, so whatever this process
+        kept in memory about the run (a watcher's tail) is dropped: it may be behind.
+        """
+        self._drop_tail((tenant, message_id))
         return 0
 
     def release(self, tenant: str, message_id: str) -> None:
@@ -163,6 +181,9 @@ class StreamStore:
         raise NotImplementedError
 
     async def _last_seq(self, key: Key) -> int:
+        raise NotImplementedError
+
+    async def _last_event(self, key: Key) -> Event | None:
         raise NotImplementedError
 
     # --- events (shared) ----------------------------------------------------------
@@ -206,9 +227,11 @@ class StreamStore:
             if batch:
                 grouped: dict[Key, list[Event]] = {}
                 for key, event in batch:
-                    grouped.setdefault(key, []).append(event)
+                    # After a failed commit a run writes nothing more: a later batch would leave a gap.
+                    if key not in self._failures:
+                        grouped.setdefault(key, []).append(event)
                 try:
-                    failures = await self._persist_many(grouped)
+                    failures = await self._persist_many(grouped) if grouped else {}
                 except Exception as exc:  # the whole commit failed
                     failures = dict.fromkeys(grouped, exc)
                 for key, events in grouped.items():
@@ -256,9 +279,19 @@ class StreamStore:
             return []
         return await self._load_events(key, after, limit)
 
+    async def read_stored(self, tenant: str, message_id: str, after: int = 0, limit: int = 512) -> list[Event]:
+        """Like read(), but always from the backend: the log as every process sees it."""
+        return await self._load_events((tenant, message_id), after, limit)
+
+    async def last_event(self, tenant: str, message_id: str) -> Event | None:
+        """The log's last durable event, read from the backend (never from this process's memory)."""
+        return await self._last_event((tenant, message_id))
+
     async def wait(self, tenant: str, message_id: str, after: int, timeout: float) -> bool:
         """Wait until an event past `after` may exist, the run is deleted, or timeout. False on timeout."""
         key = (tenant, message_id)
+        if self.closing:
+            return True  # the watcher re-reads, sees the store closing, and lets its client resume elsewhere
         tail = self._tails.get(key)
         if tail is None:
             last = await self._last_seq(key)

@@ -57,3 +57,7 @@ class MemoryStore(StreamStore):
 
     async def _last_seq(self, key: Key) -> int:
         return len(self._events.get(key, ()))
+
+    async def _last_event(self, key: Key) -> Event | None:
+        log = self._events.get(key)
+        return log[-1] if log else None

@@ -19,7 +19,11 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..events import Event
 from .base import RECORD_FIELDS, TERMINAL, FencedOut, Key, RunRecord, StreamStore, _Tail
@@ -86,8 +90,19 @@ def _decode(raw: dict[bytes, bytes]) -> dict[str, Any]:
     return out
 
 
+def _stream_event(eid: bytes, fields: dict[bytes, bytes]) -> Event:
+    return Event(int(eid.split(b"-", 1)[0]), fields[b"t"].decode(), None, fields[b"d"])
+
+
+def _retry() -> Retry:
+    # A pooled connection that outlived a Redis restart fails once; reconnect and retry at once
+    # rather than answer 503 for every stale connection in the pool.
+    return Retry(ExponentialBackoff(cap=0.25, base=0.02), 3)
+
+
 class RedisStore(StreamStore):
     name = "redis"
+    unavailable_errors = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 
     def __init__(self, url: str, prefix: str, max_events: int = 100_000) -> None:
         super().__init__()
@@ -96,9 +111,12 @@ class RedisStore(StreamStore):
         self.max_events = max_events
         # A blocking pool waits for a free connection instead of failing with "Too many connections"
         # when a thousand runs flush at once.
-        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(url, max_connections=256, timeout=30))
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=256, timeout=5, retry=_retry(), socket_connect_timeout=2, health_check_interval=30
+        )
+        self.redis = aioredis.Redis(connection_pool=pool)
         # The follower blocks in XREAD for up to 5 s: its socket must not time out first.
-        self._block = aioredis.from_url(url, single_connection_client=True, socket_timeout=None)
+        self._block = aioredis.from_url(url, single_connection_client=True, socket_timeout=None, socket_connect_timeout=2, retry=_retry())
         self._fences: dict[Key, int] = {}
         self._lost_keys: set[Key] = set()
         self._followed: dict[Key, int] = {}  # remote runs with waiters -> cursor to follow from
@@ -147,6 +165,7 @@ class RedisStore(StreamStore):
     async def claim(self, tenant: str, message_id: str) -> int:
         """Take ownership of a run: bump its fencing token; the previous owner's writes now fail."""
         key = (tenant, message_id)
+        await super().claim(tenant, message_id)
         fence = int(await self.redis.hincrby(self.meta_key(key), "fence", 1))
         self._fences[key] = fence
         self._lost_keys.discard(key)
@@ -156,10 +175,23 @@ class RedisStore(StreamStore):
         super().release(tenant, message_id)
         self._fences.pop((tenant, message_id), None)
 
+    def fence_of(self, key: Key) -> int | None:
+        """Our fencing token for a run we execute (None: we do not own it)."""
+        return self._fences.get(key)
+
+    async def current_fences(self, keys: Sequence[Key]) -> list[int | None]:
+        """The fencing tokens stored for these runs now (one round trip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hget(self.meta_key(key), "fence")
+            values = await pipe.execute()
+        return [None if v is None else int(v) for v in values]
+
     def _lost(self, key: Key) -> None:
-        """Another replica owns the run now: stop serving it from our (stale) tail, refuse further writes."""
+        """Another replica owns the run now: refuse further writes, and wake our watchers so they
+        read the real log from Redis instead of our copy, which stops where we were cut off."""
         self._fences.pop(key, None)
-        self._tails.pop(key, None)
+        self._drop_tail(key)
         self._lost_keys.add(key)
 
     # --- records --------------------------------------------------------------------
@@ -245,11 +277,15 @@ class RedisStore(StreamStore):
 
     async def _load_events(self, key: Key, after: int, limit: int) -> list[Event]:
         entries = await self.redis.xrange(self.events_key(key), min=f"{after + 1}-0", max="+", count=limit)
-        return [Event(int(eid.split(b"-", 1)[0]), f[b"t"].decode(), None, f[b"d"]) for eid, f in entries]
+        return [_stream_event(eid, f) for eid, f in entries]
 
     async def _last_seq(self, key: Key) -> int:
         entries = await self.redis.xrevrange(self.events_key(key), max="+", min="-", count=1)
         return int(entries[0][0].split(b"-", 1)[0]) if entries else 0
+
+    async def _last_event(self, key: Key) -> Event | None:
+        entries = await self.redis.xrevrange(self.events_key(key), max="+", min="-", count=1)
+        return _stream_event(*entries[0]) if entries else None
 
     async def last_seq(self, tenant: str, message_id: str) -> int:
         key = (tenant, message_id)
@@ -265,7 +301,7 @@ class RedisStore(StreamStore):
 
     async def wait(self, tenant: str, message_id: str, after: int, timeout: float) -> bool:
         key = (tenant, message_id)
-        if key in self._fences:  # executed here: the local tail is current
+        if key in self._fences or self.closing:  # executed here: the local tail is current
             return await super().wait(tenant, message_id, after, timeout)
         tail = self._tails.get(key)
         if tail is None:

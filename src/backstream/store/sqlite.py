@@ -84,6 +84,8 @@ def _record(row: Sequence[Any]) -> RunRecord:
 
 class SQLiteStore(StreamStore):
     name = "sqlite"
+    # A full or failing disk, or a file another process holds locked: retry later, not a bad request.
+    unavailable_errors = (sqlite3.OperationalError, OSError)
 
     def __init__(self, path: Path) -> None:
         super().__init__()
@@ -251,3 +253,11 @@ class SQLiteStore(StreamStore):
     async def _last_seq(self, key: Key) -> int:
         row = await self._read(lambda c: c.execute("SELECT MAX(seq) FROM events WHERE tenant = ? AND message_id = ?", key).fetchone())
         return row[0] or 0
+
+    async def _last_event(self, key: Key) -> Event | None:
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT seq, type, data FROM events WHERE tenant = ? AND message_id = ? ORDER BY seq DESC LIMIT 1", key
+            ).fetchone()
+        )
+        return None if row is None else Event(row[0], row[1], None, bytes(row[2]))
