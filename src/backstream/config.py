@@ -45,6 +45,7 @@ class RunsSettings(_Section):
     queue_limit: int = Field(10_000, ge=1)
     max_steps: int = Field(10, ge=1, le=100)  # model calls per run when server-side (MCP) tools are used
     tool_timeout_s: float = Field(30.0, gt=0)  # one MCP connection setup or tool call
+    tool_setup_timeout_s: float = Field(15.0, gt=0)  # all of a run's MCP servers: connect, initialise, list tools
 
 
 class EgressSettings(_Section):
@@ -66,11 +67,43 @@ class LimitsSettings(Quota):
     max_tools: int = Field(256, ge=0)
     max_text_chars: int = Field(2_000_000, ge=1)
     max_schema_bytes: int = Field(64 * 1024, ge=256)  # one tool's input_schema or an output schema, as JSON
+    max_json_depth: int = Field(64, ge=8, le=128)  # request body nesting, refused before anything recurses; more would exhaust the stack
     rate_window_s: int = Field(60, ge=1, le=3600)  # requests_per_minute counts per window of this length
     # requests_per_minute / max_active_runs / max_queued_runs above apply per key (or token subject);
     # these apply per tenant:
     tenants: dict[str, Quota] = {}
     tenant_default: Quota = Quota()
+
+
+class HttpSettings(_Section):
+    """The HTTP server's limits on what clients send (see http_guards.py)."""
+
+    max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line + headers; beyond: 431 and close
+    head_timeout_s: float = Field(10.0, gt=0)  # the whole request head, from connect (or its first byte on a kept-alive connection); then 408
+    body_read_timeout_s: float = Field(30.0, gt=0)  # longest wait for the next piece of a request body; then 408
+    keepalive_timeout_s: float = Field(5.0, gt=0)  # an idle kept-alive connection is closed after this
+    max_connections: int = Field(0, ge=0)  # open connections (SSE watchers included); beyond: 503 and close; 0: half the open-file limit
+
+
+class CorsSettings(_Section):
+    allow_origins: list[str] = []  # e.g. https://app.example.com; none: no CORS headers at all
+    allow_credentials: bool = False  # cookies; bearer tokens in Authorization do not need it
+    max_age_s: int = Field(600, ge=0, le=86400)  # how long browsers may cache a preflight answer
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            # An origin never has a path or a trailing slash; one written so would silently never match.
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
+        return origins
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> CorsSettings:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError("allow_origins '*' cannot be combined with allow_credentials")
+        return self
 
 
 _TENANT = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -87,8 +120,11 @@ class ApiKeyConfig(_Section):
     @model_validator(mode="after")
     def _default_tenant(self) -> ApiKeyConfig:
         for t in self.tenants:
-            if t != "*" and not re.match(_TENANT, t):
+            if t != "*" and not re.fullmatch(_TENANT, t):
                 raise ValueError(f"api key {self.name!r}: tenant {t!r} is not a valid tenant id")
+        # the default is held to the same rules, also with tenants ['*'] (where any valid id may be it)
+        if self.default_tenant is not None and not re.fullmatch(_TENANT, self.default_tenant):
+            raise ValueError(f"api key {self.name!r}: default_tenant {self.default_tenant!r} is not a valid tenant id")
         if self.default_tenant is None:
             if "*" in self.tenants:
                 raise ValueError(f"api key {self.name!r}: default_tenant is required with tenants ['*']")
@@ -171,11 +207,14 @@ class Settings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     log_level: str = "info"
     keepalive_s: float = Field(15.0, gt=0)
+    shutdown_grace_s: float = Field(10.0, gt=0)  # SIGTERM: runs end, watchers get stream_end, exit within this
     redis: RedisSettings = RedisSettings()
     runs: RunsSettings = RunsSettings()
     egress: EgressSettings = EgressSettings()
     limits: LimitsSettings = LimitsSettings()
     auth: AuthSettings = AuthSettings()
+    http: HttpSettings = HttpSettings()
+    cors: CorsSettings = CorsSettings()
     mcp_servers: list[McpServerConfig] = []
     insecure_no_auth: bool = False  # serve a non-loopback address without authentication
     default_model: str = "local"

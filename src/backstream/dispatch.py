@@ -151,9 +151,8 @@ class RedisDispatcher:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, RedisError):
-                await t
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)  # bounded: shutdown must not hang on a loop
         if self._pubsub is not None:
             with contextlib.suppress(RedisError):
                 await self._pubsub.aclose()
@@ -240,8 +239,11 @@ class RedisDispatcher:
     async def _dispatch_loop(self) -> None:
         # Woken by "work" messages; the timeout is only a safety net for a lost message.
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.settings.redis.lease_s / 3)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the kick
+            # arrives (a requeue at shutdown does exactly that), and this loop would outlive stop().
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.redis.lease_s / 3):
+                    await self._kick.wait()
             self._kick.clear()
             try:
                 await self._claim_all()

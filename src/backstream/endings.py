@@ -15,6 +15,7 @@ from typing import Any
 
 from .events import Event
 from .store import RunRecord, StreamStore
+from .tools import redact_stored_request
 
 
 def status_of_end(end: dict[str, Any]) -> tuple[str, str | None]:
@@ -71,5 +72,6 @@ async def end_run(
         expires_at=now + retention_s,
         event_count=end.seq,
         metadata=metadata,
+        request=redact_stored_request(record.request),  # an ended run never starts again: drop its secrets
     )
     return status

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from .config import EgressSettings, ModelConfig, Settings
+from .config import EgressSettings, McpServerConfig, ModelConfig, Settings
 from .events import Event
 from .models import ModelTable
 from .providers import Delta, UpstreamError
@@ -46,17 +46,19 @@ class RunOptions:
     """Server settings a run needs: where tools may connect, how many steps, tool timeout."""
 
     egress: EgressSettings = field(default_factory=EgressSettings)
-    trusted_mcp_urls: frozenset[str] = frozenset()  # configured MCP servers: exempt from the egress rules
+    configured_mcp: dict[str, McpServerConfig] = field(default_factory=dict)  # by name: trusted, token looked up at run time
     max_steps: int = 10
     tool_timeout_s: float = 30.0
+    tool_setup_timeout_s: float = 15.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RunOptions:
         return cls(
             egress=settings.egress,
-            trusted_mcp_urls=frozenset(s.url for s in settings.mcp_servers),
+            configured_mcp={s.name: s for s in settings.mcp_servers},
             max_steps=settings.runs.max_steps,
             tool_timeout_s=settings.runs.tool_timeout_s,
+            tool_setup_timeout_s=settings.runs.tool_setup_timeout_s,
         )
 
 
@@ -77,6 +79,7 @@ class Run:
         self.warnings: list[str] = []
         self.finish_reason: str | None = None
         self.error: dict[str, str] | None = None
+        self.on_tool_setup: Callable[[bool], None] | None = None  # told when MCP setup begins and ends (the scheduler's queue count)
 
     def _event(self, type: str, **fields: Any) -> Event:
         self.seq += 1
@@ -123,10 +126,15 @@ class Run:
 
             reserved = {t.name for t in request.tools or ()}
             toolbox = ToolBox(request.mcp_servers, request.tool_context, self.options, reserved)
+            if self.on_tool_setup is not None:
+                self.on_tool_setup(True)
             try:
-                await toolbox.start()
+                await toolbox.start()  # before the model slot: a slow MCP server must not hold one
             except ToolSetupError as exc:
                 raise UpstreamError("tool_error", str(exc)) from None
+            finally:
+                if self.on_tool_setup is not None:
+                    self.on_tool_setup(False)
             request = request.model_copy(update={"tools": [*(request.tools or ()), *toolbox.specs] or None})
         try:
             step = 0
@@ -182,13 +190,11 @@ class Run:
         except orjson.JSONDecodeError:
             why = "was cut off" if finish == "Length" else "is not valid JSON"
             return {"type": "invalid_output", "message": f"the model's output {why}; it must be JSON matching output_config.format.schema"}
-        import jsonschema
+        from .json_schemas import output_problem  # RE2 patterns, no fetching, no format work
 
-        validator = jsonschema.validators.validator_for(fmt.schema_)(fmt.schema_)
-        problem = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        problem = output_problem(fmt.schema_, value)
         if problem is not None:
-            where = "/".join(str(p) for p in problem.absolute_path) or "(root)"
-            return {"type": "invalid_output", "message": f"the model's output does not match the schema at {where}: {problem.message}"}
+            return {"type": "invalid_output", "message": f"the model's output {problem}"}
         return None
 
     async def _open(self, request: ChatRequest) -> tuple[AsyncIterator[Delta], Delta | None, str]:

@@ -25,6 +25,7 @@ from .events import Event, new_ulid
 from .models import ModelTable
 from .schema import ChatRequest
 from .store import FencedOut, RunRecord, StreamStore
+from .tools import redact_stored_request
 
 log = logging.getLogger("backstream.scheduler")
 
@@ -203,7 +204,11 @@ class RunScheduler:
                         await self.quotas.started(record.principal, record.tenant, record.message_id)
                         metadata = {**record.metadata, "model": run.served_by.name, "provider": run.served_by.provider, "warnings": run.warnings}
                         record.metadata = metadata
-                        await self.store.update_run(*record.key, status="processing", updated_at=time.time(), metadata=metadata)
+                        # From its first event on a run is never started again: it needs no MCP token any more.
+                        record.request = redact_stored_request(record.request)
+                        await self.store.update_run(
+                            *record.key, status="processing", updated_at=time.time(), metadata=metadata, request=record.request
+                        )
                     sink.add(event)
             except LimitExceeded as exc:
                 await events.aclose()

