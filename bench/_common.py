@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks: subprocesses, resource sampling, statistics, tables.
 
-Everything here is standard library plus psutil (in the project's `test` extra).
+Standard library plus psutil (in the project's `test` extra), and tests/support, which the
+benchmarks share with the test suite (the fake upstream, free_port).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # benchmarks run as scripts; tests.support lives under the repo root
+
+from tests.support.server import free_port  # noqa: E402
 
 # ------------------------------------------------------------------ statistics
 
@@ -77,7 +82,7 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> N
 
 
 class FakeUpstreamProcess:
-    """`python -m tests.fake_upstream --port 0` in its own process (cwd = repo root)."""
+    """`python -m tests.support.fake_upstream --port 0` in its own process (cwd = repo root)."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_path = log_dir / "fake_upstream.log"
@@ -87,7 +92,7 @@ class FakeUpstreamProcess:
     def start(self, timeout: float = 20.0) -> FakeUpstreamProcess:
         err = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fake_upstream", "--host", HOST, "--port", "0"],
+            [sys.executable, "-m", "tests.support.fake_upstream", "--host", HOST, "--port", "0"],
             stdout=subprocess.PIPE,
             stderr=err,
             cwd=ROOT,
@@ -117,12 +122,6 @@ class FakeUpstreamProcess:
         stop_process(self.proc)
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def http_get_status(port: int, path: str, timeout: float = 0.5) -> int | None:

@@ -1,7 +1,7 @@
 """Background runs fanned out to many watchers: N runs x W watchers, tokens paced by the fake.
 
 Per round (one per --n value) the bench starts fresh Backstream server(s) next to one
-fake upstream (tests/fake_upstream.py, spec "tokens=T;delay_ms=1000/R;stamp=1"), then
+fake upstream (tests/support/fake_upstream, spec "tokens=T;delay_ms=1000/R;stamp=1"), then
 the load-generator worker processes
 
   1. start N background runs  (POST /v1/messages/async, at most ~64 in flight), and
@@ -60,11 +60,11 @@ from _common import (  # noqa: E402
     source_version,
     table,
 )
+from tests.support.runs import TERMINAL  # noqa: E402
 
 mono_ns = time.monotonic_ns
 REDIS_URL = "redis://127.0.0.1:6379/14"  # the bench's own DB
 GOAL_N, GOAL_W, GOAL_P99_MS = 1000, 2, 50.0
-TERMINAL = {"completed", "failed", "cancelled", "error"}
 HIST_NS = 10_000_000  # receive-time histogram bins: 10 ms
 
 # One SSE frame header: "id: N\nevent: TYPE\n"; a token's stamp inside a text_delta's data.

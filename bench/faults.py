@@ -28,9 +28,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.fake_upstream import FakeUpstream  # noqa: E402
-from tests.test_faults import LEASE_S, OwnRedis, check_run, replica, slow, sqlite_server, wait_events  # noqa: E402
-from tests.test_streams import TERMINAL, start  # noqa: E402
+from tests.support.fake_upstream import FakeUpstream  # noqa: E402
+from tests.support.own_redis import OwnRedis  # noqa: E402
+from tests.support.replicas import LEASE_S, replica, sqlite_server  # noqa: E402
+from tests.support.runs import TERMINAL, check_run, slow, start, wait_events  # noqa: E402
 
 RUNS = 4
 

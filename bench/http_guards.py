@@ -22,7 +22,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from backstream.config import HttpSettings
-from backstream.http_guards import SecurityHeaders, guarded_protocol
+from backstream.http.connection_guards import guarded_protocol
+from backstream.http.security_headers import SecurityHeaders
 
 BODY = b'{"messages":[{"role":"user","content":"' + b"x" * 24 + b'"}]}'
 REQUEST = (

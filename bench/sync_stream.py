@@ -5,7 +5,7 @@ C concurrent clients loop streamed requests for a fixed time, in alternating rou
     A  through Backstream:  POST /v1/messages          (stream: true, model "fake")
     B  direct to the fake:  POST /v1/chat/completions  (the same spec the gateway asks for)
 
-The fake upstream (tests/fake_upstream.py) and the server run as separate processes
+The fake upstream (tests/support/fake_upstream) and the server run as separate processes
 started here, so the load generator's CPU is never counted as theirs. The load
 generator is deliberately lean: asyncio on uvloop, one raw keep-alive HTTP/1.1
 connection per client, a hand-written request and a hand-written chunked/SSE parser.

@@ -25,10 +25,10 @@ import uvloop  # noqa: E402
 
 from backstream.config import load_settings  # noqa: E402
 from backstream.engine import Run  # noqa: E402
-from backstream.models import ModelTable  # noqa: E402
+from backstream.model_table import ModelTable  # noqa: E402
 from backstream.providers import openai as openai_provider  # noqa: E402
 from backstream.providers.base import SSEDecoder  # noqa: E402
-from backstream.schema import ChatRequest  # noqa: E402
+from backstream.api_models import ChatRequest  # noqa: E402
 
 
 def engine_path(url: str, spec: str, lean: bool):
@@ -88,7 +88,7 @@ async def measure(fn, total: int, concurrency: int) -> tuple[float, int]:
 
 
 async def main(args: argparse.Namespace) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fake_upstream", "--port", "0"], stdout=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.fake_upstream", "--port", "0"], stdout=subprocess.PIPE, cwd=ROOT)
     try:
         url = proc.stdout.readline().decode().split()[1]  # type: ignore[union-attr]
         spec = f"tokens={args.tokens};ttft_ms=0;delay_ms=2"

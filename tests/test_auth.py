@@ -19,8 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from backstream.auth import jwks_from_public_keys
-from tests.conftest import SECRETS, ServerProcess, fake_models, free_port
-from tests.fake_upstream import FakeUpstream, Fault, Reply
+from tests.support.fake_upstream import FakeUpstream, Fault, Reply
+from tests.support.runs import USER
+from tests.support.server import SECRETS, ServerProcess, fake_models, free_port
 
 ISSUER = "https://idp.test/"
 AUDIENCE = "backstream"
@@ -29,7 +30,6 @@ KEY_B = "bsk_test_tenant_b_0123456789abcdef"
 KEY_ALL = "bsk_test_all_tenants_0123456789ab"
 KEY_LIMITED = "bsk_test_limited_0123456789abcdef"
 SECRETS.update({KEY_A, KEY_B, KEY_ALL, KEY_LIMITED})
-USER = [{"role": "user", "content": "hi"}]
 
 
 def sha(key: str) -> str:

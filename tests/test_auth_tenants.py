@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ServerProcess, free_port
-from tests.fake_upstream import FakeUpstream, Reply
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.server import ServerProcess, free_port
 from tests.test_auth import KEY_A, KEY_B, USER, Idp, auth_config, bearer, endpoints, sha
 
 DEFAULT_CLAIM = "default_tenant"

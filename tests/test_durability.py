@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, fake_models
-from tests.fake_upstream import FakeUpstream, Fault, Reply
-from tests.test_streams import TERMINAL, USER, start, wait_status, watch, watch_first
+from tests.support.fake_upstream import FakeUpstream, Fault, Reply
+from tests.support.runs import TERMINAL, USER, start, wait_status, watch, watch_first
+from tests.support.server import ServerProcess, fake_models
 
 
 @pytest.fixture()
@@ -111,7 +111,8 @@ def test_event_and_byte_caps_fail_the_run(fake: FakeUpstream, tmp_server: Any, s
 
 def test_full_queue_answers_429(fake: FakeUpstream, tmp_server: Any) -> None:
     srv = tmp_server("queue", store="memory", runs={"queue_limit": 2})
-    fake.script("gpt-one-up", [Reply(fault=Fault.HANG)])
+    # Every run hangs: one that completed before its cancel would rightly answer 409.
+    fake.script("gpt-one-up", [Reply(fault=Fault.HANG)] * 4)
     with srv.client() as c:
         a = start(c, model="gpt-one")
         b = start(c, model="gpt-one")

@@ -15,7 +15,7 @@ import pytest
 from backstream.config import EgressSettings
 from backstream.egress import EgressDenied, PinnedBackend, PinnedTransport, check_url, is_globally_routable
 from backstream.providers.transport import LeanTransport
-from tests.test_transport import _self_signed
+from tests.support.tls import self_signed
 
 NOT_GLOBAL = [
     "100.64.0.1",  # carrier-grade NAT
@@ -112,7 +112,7 @@ async def test_rebinding_name_connects_only_to_the_checked_address(monkeypatch: 
 
 
 async def test_pinned_transport_keeps_the_name_for_tls_and_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    server_ctx, client_ctx = _self_signed(tmp_path)  # a certificate for "localhost" only
+    server_ctx, client_ctx = self_signed(tmp_path)  # a certificate for "localhost" only
     resolver = _Resolver(monkeypatch, "localhost", ["127.0.0.1"])
     hosts: list[bytes] = []
 

@@ -1,4 +1,4 @@
-"""Proves tests/fake_upstream.py is faithful enough for the official SDKs."""
+"""Proves tests/support/fake_upstream is faithful enough for the official SDKs."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import httpx2  # the transport both SDKs use
 import openai
 import pytest
 
-from tests.fake_upstream import Fault, FakeUpstream, Recorded, Reply, ToolCall
+from tests.support.fake_upstream import FakeUpstream, Fault, Recorded, Reply, ToolCall
 
 ROOT = Path(__file__).resolve().parent.parent
 MSGS = [{"role": "user", "content": "hi"}]
@@ -549,7 +549,7 @@ def test_reset_clears_scripts(fake: FakeUpstream, oai: openai.OpenAI):
 def test_standalone_process():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_upstream", "--port", "0"],
+        [sys.executable, "-m", "tests.support.fake_upstream", "--port", "0"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

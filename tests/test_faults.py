@@ -10,95 +10,24 @@ slice of the final log, and nothing answered 500.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import sqlite3
-import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import redis
 
-from tests.conftest import REDIS_URL, ServerProcess, fake_models, free_port, parse_sse
-from tests.fake_upstream import FakeUpstream, Reply
-from tests.test_streams import TERMINAL, USER, start, wait_status, watch, watch_first
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.own_redis import OwnRedis
+from tests.support.replicas import LEASE_S, replica, sqlite_server
+from tests.support.runs import TERMINAL, USER, Watcher, check_run, slow, start, wait_events, wait_status, watch_first
+from tests.support.server import ServerProcess
+from tests.support.sse import parse_sse
 
-LEASE_S = 1.5
 TENANT = "default"  # runs started without auth belong to this tenant
-STATUS_OF = {"Stop": "completed", "Length": "completed", "StopSequence": "completed", "ToolUse": "completed", "Cancelled": "cancelled"}
-
-
-def slow(n: int = 300, delay: float = 0.03, **kw: Any) -> Reply:
-    return Reply(tokens=[f"t{i} " for i in range(n)], delay=delay, **kw)
-
-
-def check_run(c: httpx.Client, mid: str, timeout: float = 10) -> list[dict[str, Any]]:
-    """The run is terminal, its log is 1..K with one stream_end last, and the status agrees with it."""
-    status = wait_status(c, mid, TERMINAL, timeout=timeout)
-    frames = watch(c, mid)
-    assert [f["id"] for f in frames] == list(range(1, len(frames) + 1)), "no gap, no duplicate"
-    ends = [f for f in frames if f["event"] == "stream_end"]
-    assert len(ends) == 1 and frames[-1] is ends[0], f"exactly one stream_end, last: {[f['event'] for f in frames][-3:]}"
-    end = ends[0]["data"]
-    expected = STATUS_OF.get(end["finish_reason"]) or ("error" if end["error"]["type"] == "api_error" else "failed")
-    assert status["status"] == expected, (status, end)
-    assert status["metadata"]["event_count"] == len(frames)
-    return frames
-
-
-def is_slice(part: list[dict[str, Any]], whole: list[dict[str, Any]]) -> bool:
-    if not part:
-        return True
-    first = part[0]["id"] - 1
-    return whole[first : first + len(part)] == part
-
-
-class Watcher:
-    """Reads a run's stream in a thread until the server closes it; records how it ended."""
-
-    def __init__(self, url: str, mid: str) -> None:
-        self.url, self.mid = url, mid
-        self.frames: list[dict[str, Any]] = []
-        self.clean = False  # the body ended normally (not cut)
-        self.first = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.first.wait(10), "watcher got its first event"
-
-    def _run(self) -> None:
-        buf = b""
-        try:
-            with httpx.Client(base_url=self.url, timeout=30) as c, c.stream("GET", f"/v1/messages/async/{self.mid}/stream") as resp:
-                for chunk in resp.iter_raw():
-                    buf += chunk
-                    if b"\n\n" in buf:
-                        self.frames = parse_sse(buf.rsplit(b"\n\n", 1)[0] + b"\n\n")
-                        self.first.set()
-            self.clean = True
-        except httpx.HTTPError:
-            pass
-        finally:
-            self.frames = parse_sse(buf.rsplit(b"\n\n", 1)[0] + b"\n\n") if b"\n\n" in buf else []
-            self.first.set()
-
-    def join(self, timeout: float = 15) -> Watcher:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the watch ended"
-        return self
-
-
-def wait_events(c: httpx.Client, mid: str, n: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while c.get(f"/v1/messages/async/{mid}/status").json()["metadata"]["event_count"] < n:
-        assert time.monotonic() < deadline, f"run {mid} reached {n} events"
-        time.sleep(0.02)
 
 
 def no_500(server: ServerProcess) -> None:
@@ -108,10 +37,6 @@ def no_500(server: ServerProcess) -> None:
 
 
 # --- the embedded store -------------------------------------------------------------------
-
-
-def sqlite_server(fake: FakeUpstream, tmp: Path, name: str = "faults-sqlite", **extra: Any) -> ServerProcess:
-    return ServerProcess(tmp, {"store": "sqlite", "models": fake_models(fake), "keepalive_s": 1, **extra}, name=name)
 
 
 def test_kill_between_stream_end_and_status_keeps_one_stream_end(fake: FakeUpstream, tmp_path: Path) -> None:
@@ -195,19 +120,15 @@ def test_sigterm_ends_runs_for_their_watchers_and_keeps_queued_ones(fake: FakeUp
 # --- replicas on Redis -------------------------------------------------------------------------
 
 
-def replica(fake: FakeUpstream, tmp: Path, prefix: str, name: str, url: str = REDIS_URL, lease_s: float = LEASE_S) -> ServerProcess:
-    config = {"store": "redis", "redis": {"url": url, "key_prefix": prefix, "lease_s": lease_s}, "models": fake_models(fake), "keepalive_s": 1}
-    return ServerProcess(tmp, config, name=name)
-
-
 @pytest.fixture()
-def prefix() -> str:
+def prefix(redis_db: str) -> str:
+    """A key prefix of a replica group's own in the suite's Redis database."""
     return f"bsfault-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture()
-def rdb() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
+def rdb(redis_db: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_db)
     yield client
     client.close()
 
@@ -370,37 +291,6 @@ def test_sigterm_hands_unstarted_runs_to_a_peer_at_once(fake: FakeUpstream, tmp_
 
 
 # --- Redis itself dies ------------------------------------------------------------------------------
-
-
-class OwnRedis:
-    """A redis-server of the test's own on a free port, durable across SIGKILL (AOF, fsync always)."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.dir = tmp / "redis"
-        self.dir.mkdir(exist_ok=True)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> OwnRedis:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
-                "--appendonly", "yes", "--appendfsync", "always"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
 
 
 def test_redis_down_at_the_first_status_write_never_completes_an_empty_log(fake: FakeUpstream, tmp_path: Path, prefix: str) -> None:

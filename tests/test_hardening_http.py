@@ -16,8 +16,9 @@ import orjson
 import pytest
 
 from backstream.config import ConfigError, load_settings
-from tests.conftest import SECRETS, ServerProcess, fake_models, parse_sse
-from tests.fake_upstream import FakeUpstream, Reply
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.server import SECRETS, ServerProcess, fake_models
+from tests.support.sse import parse_sse
 
 KEY = "bsk_test_hardening_http_0123456789ab"
 SECRETS.add(KEY)

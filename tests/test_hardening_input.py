@@ -15,8 +15,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import ServerProcess, fake_models
-from tests.fake_upstream import FakeUpstream, Reply
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.server import ServerProcess, fake_models
 
 USER = [{"role": "user", "content": "Answer in JSON."}]
 CATASTROPHIC = "^(a+)+$"  # backtracking engines take ~2**n steps on "a" * n + "b"

@@ -20,10 +20,10 @@ import pytest
 import redis
 
 from backstream.tools import redact_stored_request
-from tests.conftest import REDIS_URL, SECRETS, ServerProcess, fake_models, parse_sse
-from tests.fake_upstream import FakeUpstream, Reply
-from tests.mcp_server import McpHttpServer
-from tests.test_streams import wait_status
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.mcp_server import McpHttpServer
+from tests.support.runs import wait_status, watch
+from tests.support.server import REDIS_URL, SECRETS, ServerProcess, fake_models
 from tests.test_tools import call
 
 USER = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -127,16 +127,10 @@ def main(request: pytest.FixtureRequest, fake: FakeUpstream, mcp: McpHttpServer,
         "mcp_servers": [{"name": "docs", "url": mcp.url, "authorization_token_env": "DOCS_MCP_TOKEN"}],
     }
     if request.param == "redis":
-        config["redis"] = {"url": REDIS_URL, "key_prefix": f"bshm-{os.getpid()}"}
+        config["redis"] = {"url": request.getfixturevalue("redis_db"), "key_prefix": f"bshm-{os.getpid()}"}
     srv = ServerProcess(tmp_path_factory.mktemp(f"main-{request.param}"), config, env={"DOCS_MCP_TOKEN": DOCS_TOKEN}, name=f"main-{request.param}").start()
     yield srv
     srv.stop()
-
-
-def watch(c: httpx.Client, mid: str, **kw: Any) -> list[dict[str, Any]]:
-    with c.stream("GET", f"/v1/messages/async/{mid}/stream", **kw) as resp:
-        assert resp.status_code == 200
-        return parse_sse(resp.read())
 
 
 @pytest.mark.parametrize(("stuck", "path"), [("silent", "/mcp"), ("mute_sse", "/sse")])
@@ -162,7 +156,11 @@ def test_stuck_mcp_server_fails_at_the_deadline_and_blocks_no_other_tenant(
         assert other[-1]["data"]["finish_reason"] == "Stop"
         frames = watch(c, stuck_id, headers=acme)
         elapsed = time.monotonic() - started
-        status = c.get(f"/v1/messages/async/{stuck_id}/status", headers=acme).json()
+        deadline = time.monotonic() + 5
+        # The status is written just after the stream_end the watcher saw: wait for it.
+        while (status := c.get(f"/v1/messages/async/{stuck_id}/status", headers=acme).json())["status"] == "processing":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.02)
     end = frames[-1]["data"]
     assert end["finish_reason"] == "Error" and repr(stuck) in end["error"]["message"]
     assert "runs.tool_setup_timeout_s" in end["error"]["message"]

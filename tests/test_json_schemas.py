@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backstream.errors import ApiError
+from backstream.errors import Invalid as ApiError
 from backstream.json_schemas import check_json_depth, check_request_schema, json_too_deep, output_problem
 from backstream.logs import TRACE_INDENT, SafeFormatter, escape_controls
 
@@ -26,7 +26,7 @@ EVIL = "a" * 40 + "b"
 def rejected_field(schema: dict[str, Any]) -> str:
     with pytest.raises(ApiError) as caught:
         check_request_schema(schema, "s")
-    assert caught.value.status == 422
+    assert caught.value.type == "invalid_request_error"  # answered 422 by the HTTP edge
     return caught.value.details[0]["field"]  # type: ignore[index]
 
 

@@ -8,10 +8,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import parse_sse
-from tests.fake_upstream import FakeUpstream, Fault, Reply, ToolCall
+from tests.support.fake_upstream import FakeUpstream, Fault, Reply, ToolCall
+from tests.support.runs import USER
+from tests.support.sse import event_types as types
+from tests.support.sse import parse_sse
 
-USER = [{"role": "user", "content": "hi"}]
 UPSTREAM = {"gpt": "gpt-up", "claude": "claude-up"}
 PROVIDER = {"gpt": "openai", "claude": "anthropic"}
 
@@ -21,10 +22,6 @@ def stream(http: httpx.Client, **payload: Any) -> tuple[httpx.Response, list[dic
     with http.stream("POST", "/v1/messages", json=payload) as resp:
         raw = resp.read()
     return resp, parse_sse(raw) if resp.status_code == 200 else []
-
-
-def types(frames: list[dict[str, Any]]) -> list[str]:
-    return [f["event"] for f in frames]
 
 
 @pytest.mark.parametrize("model", ["gpt", "claude"])

@@ -20,8 +20,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from backstream.auth import jwks_from_public_keys
-from tests.conftest import SECRETS, ServerProcess, fake_models
-from tests.fake_upstream import FakeUpstream, Reply
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.server import SECRETS, ServerProcess, fake_models
 
 KEY = "bsk_schemathesis_key_0123456789abc"
 SECRETS.add(KEY)

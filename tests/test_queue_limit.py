@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REDIS_URL, ServerProcess, fake_models
-from tests.fake_upstream import FakeUpstream, Reply
-from tests.test_streams import USER
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.runs import USER
+from tests.support.server import REDIS_URL, ServerProcess, fake_models
 
 STARTS = 200
 CAPACITY = 1  # gpt-one: one run executes, the others wait in the queue
@@ -29,6 +29,13 @@ async def start_many(url: str, n: int) -> list[tuple[str, int, dict[str, Any]]]:
             return mid, resp.status_code, resp.json()
 
         return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+@pytest.fixture(autouse=True)
+def _redis_db_for_redis_store(request: pytest.FixtureRequest, store: str) -> None:
+    """The `redis` cases use the suite's Redis database; the others run without Redis."""
+    if store == "redis":
+        request.getfixturevalue("redis_db")
 
 
 def server_for(store: str, fake: FakeUpstream, tmp: Path, **extra: Any) -> ServerProcess:

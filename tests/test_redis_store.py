@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from backstream.events import Event
 from backstream.store import FencedOut, RunRecord
 from backstream.store.redis import RedisStore
-from tests.conftest import REDIS_URL
+from tests.support.server import REDIS_URL
 
 
 def redis_factory() -> Callable[[], RedisStore]:
@@ -22,7 +22,7 @@ def redis_factory() -> Callable[[], RedisStore]:
 
 
 @pytest.fixture()
-async def pair() -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+async def pair(redis_db: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
     """Two stores on one Redis: two replicas' views."""
     make = redis_factory()
     a, b = make(), make()

@@ -7,24 +7,16 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import REDIS_URL, ServerProcess, fake_models
-from tests.fake_upstream import FakeUpstream, Reply
-from tests.test_streams import TERMINAL, USER, start, wait_status, watch, watch_first
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.replicas import LEASE_S, replica_config
+from tests.support.runs import TERMINAL, USER, start, wait_status, watch, watch_first
+from tests.support.server import ServerProcess
 
-LEASE_S = 1.5
-
-
-def replica_config(fake: FakeUpstream, prefix: str) -> dict[str, Any]:
-    return {
-        "store": "redis",
-        "redis": {"url": REDIS_URL, "key_prefix": prefix, "lease_s": LEASE_S},
-        "models": fake_models(fake),
-        "keepalive_s": 1,
-    }
+# Every test here runs replicas on the suite's Redis database.
+pytestmark = pytest.mark.usefixtures("redis_db")
 
 
 @pytest.fixture()

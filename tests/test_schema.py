@@ -7,9 +7,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fake_upstream import FakeUpstream, Reply
-
-USER = [{"role": "user", "content": "hi"}]
+from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.runs import USER
 
 
 def body(**over: Any) -> dict[str, Any]:

@@ -33,6 +33,8 @@ BACKENDS = ["memory", "sqlite", "redis"]
 
 @pytest.fixture(params=BACKENDS)
 async def factory(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    if request.param == "redis":
+        request.getfixturevalue("redis_db")  # the suite's Redis database, emptied before its first use
     yield make_factory(request.param, tmp_path)
 
 

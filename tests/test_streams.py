@@ -5,54 +5,14 @@ from __future__ import annotations
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, parse_sse
-from tests.fake_upstream import FakeUpstream, Fault, Reply
-
-USER = [{"role": "user", "content": "hi"}]
-TERMINAL = {"completed", "failed", "cancelled", "error"}
-
-
-def start(c: httpx.Client, message_id: str | None = None, **payload: Any) -> str:
-    params = {"message_id": message_id} if message_id else None
-    resp = c.post("/v1/messages/async", params=params, json={"model": "gpt", "max_tokens": 64, "messages": USER, **payload})
-    assert resp.status_code == 200, resp.text
-    body = resp.json()
-    assert body["status"] == "pending" and body["message"] == "Request initiated successfully"
-    return body["message_id"]
-
-
-def watch(c: httpx.Client, mid: str, headers: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    with c.stream("GET", f"/v1/messages/async/{mid}/stream", headers=headers, params=params) as resp:
-        assert resp.status_code == 200, resp.read()
-        assert resp.headers["content-type"].startswith("text/event-stream")
-        return parse_sse(resp.read())
-
-
-def watch_first(c: httpx.Client, mid: str, n: int) -> list[dict[str, Any]]:
-    """Read the first n events, then disconnect."""
-    buf = b""
-    with c.stream("GET", f"/v1/messages/async/{mid}/stream") as resp:
-        for chunk in resp.iter_raw():
-            buf += chunk
-            frames = parse_sse(buf.rsplit(b"\n\n", 1)[0] + b"\n\n") if b"\n\n" in buf else []
-            if len(frames) >= n:
-                return frames[:n]
-    raise AssertionError(f"stream ended before {n} events")
-
-
-def wait_status(c: httpx.Client, mid: str, statuses: set[str], timeout: float = 10) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        body = c.get(f"/v1/messages/async/{mid}/status").json()
-        if body.get("status") in statuses or time.monotonic() > deadline:
-            assert body.get("status") in statuses, body
-            return body
-        time.sleep(0.02)
+from tests.support.fake_upstream import FakeUpstream, Fault, Reply
+from tests.support.runs import TERMINAL, USER, start, wait_status, watch, watch_first
+from tests.support.server import ServerProcess
+from tests.support.sse import parse_sse
 
 
 def test_lifecycle_start_watch_complete(bg: httpx.Client, fake: FakeUpstream) -> None:

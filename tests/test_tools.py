@@ -11,9 +11,11 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import SECRETS, ServerProcess, fake_models, parse_sse
-from tests.fake_upstream import FakeUpstream, Reply, ToolCall
-from tests.mcp_server import McpHttpServer
+from tests.support.fake_upstream import FakeUpstream, Reply, ToolCall
+from tests.support.mcp_server import McpHttpServer
+from tests.support.server import SECRETS, ServerProcess, fake_models
+from tests.support.sse import event_types as kinds
+from tests.support.sse import parse_sse
 
 USER = [{"role": "user", "content": "What is 2 + 3?"}]
 MCP_TOKEN = "mcp-bearer-secret-for-tests-only-77"
@@ -54,10 +56,6 @@ def run_stream(c: httpx.Client, **payload: Any) -> list[dict[str, Any]]:
         body = resp.read()
         assert resp.status_code == 200, body
     return parse_sse(body)
-
-
-def kinds(frames: list[dict[str, Any]]) -> list[str]:
-    return [f["event"] for f in frames]
 
 
 @pytest.mark.parametrize("transport", ["streamable_http", "sse"])

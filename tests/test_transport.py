@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ssl
 from pathlib import Path
 
 import httpx2
 import openai
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from backstream.providers.transport import LeanTransport, sdk_http_client
-from tests.fake_upstream import FakeUpstream, Fault, Reply
+from tests.support.fake_upstream import FakeUpstream, Fault, Reply
+from tests.support.tls import self_signed
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -66,27 +61,8 @@ def test_proxy_settings_fall_back_to_the_default_transport(monkeypatch: pytest.M
     assert sdk_http_client(httpx2.Timeout(5)) is None
 
 
-def _self_signed(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(tmp / "cert.pem", tmp / "key.pem")
-    client = ssl.create_default_context(cafile=str(tmp / "cert.pem"))
-    return server, client
-
-
 async def test_tls_upstream(tmp_path: Path) -> None:
-    server_ctx, client_ctx = _self_signed(tmp_path)
+    server_ctx, client_ctx = self_signed(tmp_path)
     seen: list[bytes] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -15,7 +15,7 @@ import jwt
 import orjson
 
 from .config import ApiKeyConfig, AuthSettings, JwtConfig, Quota
-from .errors import ApiError, invalid
+from .errors import Forbidden, Invalid, Unauthenticated
 
 TENANT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ANONYMOUS_TENANT = "default"
@@ -41,12 +41,13 @@ def new_api_key() -> tuple[str, str]:
     return key, hashlib.sha256(key.encode()).hexdigest()
 
 
-def _unauthorized(message: str, error: str | None = "invalid_token") -> ApiError:
-    challenge = 'Bearer realm="backstream"' + (f', error="{error}"' if error else "")
-    return ApiError(401, "authentication_error", message, headers={"www-authenticate": challenge})
+def _unauthorized(message: str, error: str | None = "invalid_token") -> Unauthenticated:
+    return Unauthenticated(message, challenge=error)
 
 
 class Authenticator:
+    """Turns an Authorization header into a Principal, and a principal plus X-Tenant into the tenant it acts for."""
+
     def __init__(self, settings: AuthSettings) -> None:
         self.enabled = settings.enabled
         self._keys: list[tuple[bytes, ApiKeyConfig]] = [(bytes.fromhex(k.sha256), k) for k in settings.api_keys]
@@ -135,7 +136,7 @@ class Authenticator:
                 raise _forbidden("these credentials may not act for their default tenant")
             return principal.default_tenant
         if not _is_tenant(header):
-            raise invalid("X-Tenant must be 1-64 characters of letters, digits, '_', '.' and '-'", "X-Tenant")
+            raise Invalid("X-Tenant must be 1-64 characters of letters, digits, '_', '.' and '-'", "X-Tenant")
         if not _grants(principal.tenants, header):
             raise _forbidden(f"these credentials may not act for tenant {header!r}")
         return header
@@ -150,8 +151,8 @@ def _grants(tenants: frozenset[str] | None, tenant: str) -> bool:
     return tenants is None or tenant in tenants
 
 
-def _forbidden(message: str) -> ApiError:
-    return ApiError(403, "permission_error", message)
+def _forbidden(message: str) -> Forbidden:
+    return Forbidden(message)
 
 
 def _token_tenants(claims: dict[str, Any], config: JwtConfig) -> tuple[frozenset[str] | None, str]:

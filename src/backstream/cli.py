@@ -46,8 +46,9 @@ def serve(
 
     import uvicorn
 
-    from .app import create_app
-    from .http_guards import guarded_protocol
+    from .http import create_app
+    from .http.connection_guards import guarded_protocol
+    from .http.state import services_of
     from .serving import GracefulServer
 
     app = create_app(settings)
@@ -64,7 +65,7 @@ def serve(
             log_level=settings.log_level.lower(),
             log_config=None,  # uvicorn's loggers go through ours: one format, control characters escaped
         ),
-        drain=app.state.scheduler.drain,
+        drain=services_of(app).deployment.drain,
         grace_s=settings.shutdown_grace_s,
     )
     server.run()

@@ -33,12 +33,16 @@ class _Section(BaseModel):
 
 
 class RedisSettings(_Section):
+    """`redis:` where the shared store lives and how long a silent replica keeps its runs."""
+
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "backstream"
     lease_s: float = Field(15.0, gt=0)
 
 
 class RunsSettings(_Section):
+    """`runs:` retention, per-run caps, the queue limit and tool steps of background and synchronous runs."""
+
     retention_s: float = Field(86400.0, gt=0)
     max_events: int = Field(100_000, ge=10)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
@@ -49,6 +53,8 @@ class RunsSettings(_Section):
 
 
 class EgressSettings(_Section):
+    """`egress:` which request-supplied URLs (MCP servers) may be reached."""
+
     allow_hosts: list[str] = []
     allow_private: bool = False
 
@@ -62,6 +68,8 @@ class Quota(_Section):
 
 
 class LimitsSettings(Quota):
+    """`limits:` request body and shape limits, and the default and per-tenant quotas."""
+
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_messages: int = Field(2048, ge=1)
     max_tools: int = Field(256, ge=0)
@@ -76,7 +84,7 @@ class LimitsSettings(Quota):
 
 
 class HttpSettings(_Section):
-    """The HTTP server's limits on what clients send (see http_guards.py)."""
+    """The HTTP server's limits on what clients send (see http/connection_guards.py)."""
 
     max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line + headers; beyond: 431 and close
     head_timeout_s: float = Field(10.0, gt=0)  # the whole request head, from connect (or its first byte on a kept-alive connection); then 408
@@ -86,6 +94,8 @@ class HttpSettings(_Section):
 
 
 class CorsSettings(_Section):
+    """`cors:` origins allowed to call the API from a browser."""
+
     allow_origins: list[str] = []  # e.g. https://app.example.com; none: no CORS headers at all
     allow_credentials: bool = False  # cookies; bearer tokens in Authorization do not need it
     max_age_s: int = Field(600, ge=0, le=86400)  # how long browsers may cache a preflight answer
@@ -111,6 +121,8 @@ JWT_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
 
 
 class ApiKeyConfig(_Section):
+    """One API key: its sha256, the tenants it may act for, and optional own limits."""
+
     name: str = Field(min_length=1, max_length=64)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     tenants: list[str] = Field(min_length=1)
@@ -135,6 +147,8 @@ class ApiKeyConfig(_Section):
 
 
 class JwtConfig(_Section):
+    """OAuth 2.0 access tokens: issuer, audience, signing keys and the claims that grant tenants."""
+
     jwks_url: str | None = None
     jwks_file: str | None = None
     issuer: str
@@ -156,6 +170,8 @@ class JwtConfig(_Section):
 
 
 class AuthSettings(_Section):
+    """`auth:` whether credentials are required, and which API keys and tokens are accepted."""
+
     api_keys: list[ApiKeyConfig] = []
     jwt: JwtConfig | None = None
 
@@ -201,6 +217,8 @@ class McpServerConfig(_Section):
 
 
 class Settings(_Section):
+    """The whole configuration: defaults, then the YAML file, then BACKSTREAM_* environment variables."""
+
     store: Literal["memory", "sqlite", "redis"] = "sqlite"
     data_dir: str = "./.backstream"
     host: str = "127.0.0.1"

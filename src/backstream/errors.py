@@ -1,61 +1,104 @@
-"""The one error shape every failing response uses, and the exceptions that produce it."""
+"""Domain errors: what went wrong, in the contract's vocabulary, without HTTP.
+
+The core raises these; only the HTTP edge (`http/errors.py`) turns them into a status,
+headers and the shared error shape. `type` is the error type the contract names
+(`invalid_request_error`, `not_found_error`, …), which also appears in run events.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
 
-# error type -> HTTP status; also used to map a run's final error onto a status for sync calls.
-STATUS_BY_TYPE = {
-    "invalid_request_error": 422,
-    "authentication_error": 401,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "conflict_error": 409,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "upstream_error": 502,
-    "overloaded_error": 503,
-    "timeout_error": 504,
-    "api_error": 500,
-}
+class GatewayError(Exception):
+    """A failure the caller should be told about: type, message and field-level details."""
 
+    type = "api_error"
 
-class ApiError(Exception):
-    """An error answered to the client in the shared shape."""
-
-    def __init__(
-        self,
-        status: int,
-        type: str,
-        message: str,
-        details: list[dict[str, Any]] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
-        self.status = status
-        self.type = type
         self.message = message
         self.details = details
-        self.headers = headers or {}
 
 
-def invalid(message: str, field: str | None = None, details: list[dict[str, Any]] | None = None) -> ApiError:
-    if details is None and field is not None:
-        details = [{"field": field, "message": message, "type": "value_error"}]
-    return ApiError(422, "invalid_request_error", message, details)
+class Invalid(GatewayError):
+    """The request is wrong; `field` names where (becomes the details)."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, field: str | None = None, details: list[dict[str, Any]] | None = None) -> None:
+        if details is None and field is not None:
+            details = [{"field": field, "message": message, "type": "value_error"}]
+        super().__init__(message, details)
 
 
-def not_found(what: str = "message") -> ApiError:
-    return ApiError(404, "not_found_error", f"{what} not found")
+class NotFound(GatewayError):
+    """Unknown id, or one of another tenant (never revealed to exist)."""
+
+    type = "not_found_error"
+
+    def __init__(self, what: str = "message") -> None:
+        super().__init__(f"{what} not found")
 
 
-def error_body(type: str, message: str, request_id: str, details: list[dict[str, Any]] | None = None) -> bytes:
-    error: dict[str, Any] = {"type": type, "message": message}
-    if details:
-        error["details"] = details
-    return orjson.dumps({"error": error, "request_id": request_id})
+class Conflict(GatewayError):
+    """The action does not fit the run's state (an id taken, a run already ended)."""
+
+    type = "conflict_error"
+
+
+class TooLarge(GatewayError):
+    """A request body or head beyond the configured limit."""
+
+    type = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    """A rate, quota or queue limit was reached; worth retrying after `retry_after_s`."""
+
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, retry_after_s)
+
+
+class QueueFull(RateLimited):
+    """The background run queue holds runs.queue_limit runs already."""
+
+
+class Unauthenticated(GatewayError):
+    """No or bad credentials; `challenge` is the Bearer challenge's error code, if any."""
+
+    type = "authentication_error"
+
+    def __init__(self, message: str, challenge: str | None = "invalid_token") -> None:
+        super().__init__(message)
+        self.challenge = challenge
+
+
+class Forbidden(GatewayError):
+    """The credentials are valid but may not do this (act for that tenant)."""
+
+    type = "permission_error"
+
+
+class Unavailable(GatewayError):
+    """A dependency (the store, a component) cannot be used now; retry shortly."""
+
+    type = "overloaded_error"
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message, details)
+        self.retry_after_s = retry_after_s
+
+
+class RunFailed(GatewayError):
+    """A synchronous run failed before its first output; `type` is the run's own error type."""
+
+    def __init__(self, type: str, message: str) -> None:
+        super().__init__(message)
+        self.type = type
 
 
 def pydantic_details(errors: list[dict[str, Any]], prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
@@ -63,7 +106,7 @@ def pydantic_details(errors: list[dict[str, Any]], prefix: tuple[Any, ...] = ())
     out = []
     for e in errors:
         loc = [*prefix, *e.get("loc", ())]
-        # Cross-field checks raise an error that knows its field (schema._FieldError).
+        # Cross-field checks raise an error that knows its field (api_models._FieldError).
         field = getattr((e.get("ctx") or {}).get("error"), "field", None)
         if field:
             loc = [*prefix, *field.split(".")]

@@ -30,7 +30,7 @@ import re2
 import referencing
 import referencing.exceptions
 
-from .errors import ApiError, invalid
+from .errors import Invalid
 
 REF_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
 # Keywords whose values are data, not schemas: a "$ref" or "pattern" inside them means nothing.
@@ -189,9 +189,9 @@ def check_request_schema(schema: dict[str, Any], field: str) -> None:
         raise _rejected(field, SchemaRejected(path, message))
 
 
-def _rejected(field: str, exc: SchemaRejected) -> ApiError:
+def _rejected(field: str, exc: SchemaRejected) -> Invalid:
     where = _cut(f"{field}.{exc.path}" if exc.path else field)
-    return invalid(exc.message, where)
+    return Invalid(exc.message, where)
 
 
 def _cut(path: str) -> str:
@@ -240,7 +240,7 @@ def check_json_depth(value: Any, limit: int, raw: bytes | None = None) -> None:
     while stack:
         node, depth, link = stack.pop()
         if depth > limit:
-            raise invalid(f"JSON nested more than {limit} levels deep (limits.max_json_depth)", _cut(_spell(link) or "body"))
+            raise Invalid(f"JSON nested more than {limit} levels deep (limits.max_json_depth)", _cut(_spell(link) or "body"))
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         for key, child in items:
             if isinstance(child, (dict, list)):

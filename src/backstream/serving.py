@@ -23,6 +23,8 @@ DRAIN_SHARE = 0.8  # of the grace period for runs and watchers; the rest for oth
 
 
 class GracefulServer(uvicorn.Server):
+    """uvicorn.Server whose shutdown drains runs and watchers before connections are closed."""
+
     def __init__(self, config: uvicorn.Config, drain: Callable[[float], Awaitable[None]], grace_s: float) -> None:
         config.timeout_graceful_shutdown = max(1, int(grace_s * (1 - DRAIN_SHARE)))
         super().__init__(config)

@@ -21,7 +21,7 @@ import orjson
 
 from .config import EgressSettings, McpServerConfig
 from .egress import PinnedTransport, check_url_shape
-from .schema import McpServer, Tool
+from .api_models import McpServer, Tool
 
 log = logging.getLogger("backstream.tools")
 CONTEXT_ARG = "tool_context"  # a tool whose input schema has this property receives the request's tool_context
@@ -33,6 +33,8 @@ class ToolSetupError(Exception):
 
 @dataclass
 class RemoteTool:
+    """One tool of an MCP server, under the name the model sees."""
+
     server: str
     remote_name: str
     spec: Tool
@@ -50,6 +52,8 @@ def _result_text(result: Any) -> tuple[str, bool]:
 
 
 class ToolBox:
+    """A run's MCP servers: connected once, their tools offered to the model, calls run with a timeout."""
+
     def __init__(self, servers: list[McpServer], tool_context: Any, options: Any, reserved_names: set[str]) -> None:
         self.servers = servers
         self.tool_context = tool_context

@@ -10,7 +10,7 @@ import anthropic
 import httpx2 as httpx  # the transport both official SDKs are built on
 import orjson
 
-from ..schema import ChatRequest, ThinkingEffort, ThinkingEnabled
+from ..api_models import ChatRequest, ThinkingEffort, ThinkingEnabled
 from .transport import sdk_http_client
 from .base import OVERLOADED, UPSTREAM, Delta, Provider, SSEDecoder, UpstreamError, sdk_error, timeout_for
 
@@ -133,6 +133,8 @@ class AnthropicStreamParser:
 
 
 class AnthropicProvider(Provider):
+    """Streams from the Anthropic Messages API."""
+
     name = "anthropic"
 
     def __init__(self, config: Any) -> None:

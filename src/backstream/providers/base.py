@@ -16,7 +16,7 @@ from typing import Any
 import httpx2 as httpx  # the transport both official SDKs are built on
 
 from ..config import ModelConfig
-from ..schema import ChatRequest
+from ..api_models import ChatRequest
 
 Delta = tuple[Any, ...]
 

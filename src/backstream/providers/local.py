@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
-from ..schema import ChatRequest
+from ..api_models import ChatRequest
 from .base import UPSTREAM, Delta, Provider, UpstreamError
 from .openai import build_payload, chunk_deltas
 
@@ -36,6 +36,8 @@ def default_model_path() -> Path | None:
 
 
 class LocalProvider(Provider):
+    """The built-in model, run in-process by llama.cpp: no keys, no network."""
+
     name = "local"
 
     def __init__(self, config: ModelConfig) -> None:

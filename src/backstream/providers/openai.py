@@ -17,7 +17,7 @@ import openai
 import orjson
 
 from ..config import ModelConfig
-from ..schema import (
+from ..api_models import (
     ChatRequest,
     DocumentBlock,
     ImageBlock,
@@ -200,6 +200,8 @@ def build_payload(config: ModelConfig, request: ChatRequest, warnings: list[str]
 
 
 class OpenAIProvider(Provider):
+    """Streams from an OpenAI-compatible chat completions API."""
+
     name = "openai"
 
     def __init__(self, config: ModelConfig) -> None:

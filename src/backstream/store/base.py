@@ -9,18 +9,15 @@ thousand runs cost one serialisation per event and no extra reads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..events import Event
-
-TERMINAL = frozenset({"completed", "failed", "cancelled", "error"})
-Key = tuple[str, str]  # (tenant, message_id)
-
-TAIL_MAX = 8192  # events per run kept in memory; older ones are read from the backend
+from ..redis_keys import Key
+from ..statuses import TERMINAL, RunStatus
+from .tail import Tail
 
 
 class FencedOut(Exception):
@@ -29,9 +26,11 @@ class FencedOut(Exception):
 
 @dataclass
 class RunRecord:
+    """A background run as stored: status, metadata, and the request to (re)start it from."""
+
     tenant: str
     message_id: str
-    status: str = "pending"
+    status: str = RunStatus.PENDING
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     completed_at: float | None = None
@@ -60,45 +59,6 @@ class RunRecord:
 RECORD_FIELDS = tuple(f.name for f in fields(RunRecord))
 
 
-class _Tail:
-    __slots__ = ("events", "last_seq", "waiters", "ended")
-
-    def __init__(self, last_seq: int = 0) -> None:
-        self.events: list[Event] = []
-        self.last_seq = last_seq
-        self.waiters: list[asyncio.Future[None]] = []
-        self.ended = False
-
-    def wake(self) -> None:
-        waiters, self.waiters = self.waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(True)
-
-    async def wait(self, timeout: float) -> bool:
-        """Until the next wake(); False on timeout.
-
-        One future and one timer per wait (asyncio.wait_for costs several more objects,
-        and every watcher of every run waits once per event).
-        """
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bool] = loop.create_future()
-        self.waiters.append(fut)
-        timer = loop.call_later(timeout, _time_out, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-            if not fut.done() or fut.result() is False:
-                with contextlib.suppress(ValueError):
-                    self.waiters.remove(fut)
-
-
-def _time_out(fut: asyncio.Future[bool]) -> None:
-    if not fut.done():
-        fut.set_result(False)
-
-
 class StreamStore:
     """Runs and their append-only event logs. All methods are scoped by tenant."""
 
@@ -108,7 +68,7 @@ class StreamStore:
 
     def __init__(self) -> None:
         self.closing = False  # shutting down: watchers of runs that go on elsewhere are let go
-        self._tails: dict[Key, _Tail] = {}
+        self._tails: dict[Key, Tail] = {}
         self._pending: list[tuple[Key, Event]] = []
         self._sync_waiters: list[asyncio.Future[None]] = []
         self._failures: dict[Key, Exception] = {}
@@ -257,26 +217,17 @@ class StreamStore:
         """Durable events become visible: into the tail (the first watcher builds each frame, all share it), watchers woken."""
         tail = self._tails.get(key)
         if tail is None:
-            tail = self._tails[key] = _Tail(events[0].seq - 1)
-        for e in events:
-            e.fields = None  # the bytes are the record; keep memory per event small
-        tail.events.extend(events)
-        if len(tail.events) > TAIL_MAX:
-            del tail.events[: len(tail.events) - TAIL_MAX // 2]
-        tail.last_seq = events[-1].seq
-        if events[-1].type == "stream_end":
-            tail.ended = True
-        tail.wake()
+            tail = self._tails[key] = Tail(events[0].seq - 1)
+        tail.publish(events)
 
     async def read(self, tenant: str, message_id: str, after: int = 0, limit: int = 512) -> list[Event]:
         """Events with position > after, oldest first, at most `limit`."""
         key = (tenant, message_id)
         tail = self._tails.get(key)
-        if tail is not None and tail.events and tail.events[0].seq <= after + 1:
-            start = after + 1 - tail.events[0].seq
-            return tail.events[start : start + limit]
-        if tail is not None and tail.last_seq <= after:
-            return []
+        if tail is not None:
+            held = tail.after(after, limit)
+            if held is not None:
+                return held
         return await self._load_events(key, after, limit)
 
     async def read_stored(self, tenant: str, message_id: str, after: int = 0, limit: int = 512) -> list[Event]:
@@ -297,7 +248,7 @@ class StreamStore:
             last = await self._last_seq(key)
             # An append may have created the tail while we were reading: never replace it,
             # or watchers already waiting on it would not be woken.
-            tail = self._tails.setdefault(key, _Tail(last))
+            tail = self._tail_for(key, last)
         if tail.last_seq > after:
             return True
         return await tail.wait(timeout)
@@ -325,8 +276,16 @@ class StreamStore:
     def forget(self, tenant: str, message_id: str) -> None:
         """Drop the in-memory tail of a finished run (its events stay in the backend)."""
         tail = self._tails.get((tenant, message_id))
-        if tail is not None and not tail.waiters:
+        if tail is not None and not tail.watched:
             del self._tails[(tenant, message_id)]
+
+    def _tail_of(self, key: Key) -> Tail | None:
+        """This process's tail of a run, if it keeps one (for backends that feed tails themselves)."""
+        return self._tails.get(key)
+
+    def _tail_for(self, key: Key, last_seq: int) -> Tail:
+        """The run's tail, created at `last_seq` if there is none; an existing one is never replaced (its watchers wait on it)."""
+        return self._tails.setdefault(key, Tail(last_seq))
 
     def _drop_tail(self, key: Key) -> None:
         tail = self._tails.pop(key, None)

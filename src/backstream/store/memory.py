@@ -10,6 +10,8 @@ from .base import Key, RunRecord, StreamStore
 
 
 class MemoryStore(StreamStore):
+    """Runs and logs in dicts of this process: nothing survives a restart."""
+
     name = "memory"
 
     def __init__(self) -> None:

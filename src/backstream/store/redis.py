@@ -26,7 +26,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..events import Event
-from .base import RECORD_FIELDS, TERMINAL, FencedOut, Key, RunRecord, StreamStore, _Tail
+from ..redis_keys import Key, RedisKeys
+from ..statuses import TERMINAL
+from .base import RECORD_FIELDS, FencedOut, RunRecord, StreamStore
 
 log = logging.getLogger("backstream.store.redis")
 
@@ -101,13 +103,16 @@ def _retry() -> Retry:
 
 
 class RedisStore(StreamStore):
+    """Runs as hashes and logs as streams in a Redis shared by replicas; writes fenced per run."""
+
     name = "redis"
     unavailable_errors = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 
-    def __init__(self, url: str, prefix: str, max_events: int = 100_000) -> None:
+    def __init__(self, url: str, prefix: str, max_events: int = 100_000, keys: RedisKeys | None = None) -> None:
         super().__init__()
         self.url = url
         self.prefix = prefix
+        self.keys = keys or RedisKeys(prefix)
         self.max_events = max_events
         # A blocking pool waits for a free connection instead of failing with "Too many connections"
         # when a thousand runs flush at once.
@@ -127,15 +132,10 @@ class RedisStore(StreamStore):
 
     # --- keys --------------------------------------------------------------------
     def meta_key(self, key: Key) -> str:
-        return f"{self.prefix}:run:{{{key[0]}/{key[1]}}}:meta"
+        return self.keys.run_meta(key)
 
     def events_key(self, key: Key) -> str:
-        return f"{self.prefix}:run:{{{key[0]}/{key[1]}}}:events"
-
-    def _key_of(self, events_key: bytes) -> Key:
-        inner = events_key.decode().split("{", 1)[1].rsplit("}", 1)[0]
-        tenant, _, mid = inner.partition("/")
-        return (tenant, mid)
+        return self.keys.run_events(key)
 
     # --- lifecycle ----------------------------------------------------------------
     async def open(self) -> None:
@@ -303,9 +303,7 @@ class RedisStore(StreamStore):
         key = (tenant, message_id)
         if key in self._fences or self.closing:  # executed here: the local tail is current
             return await super().wait(tenant, message_id, after, timeout)
-        tail = self._tails.get(key)
-        if tail is None:
-            tail = self._tails[key] = _Tail(after)
+        tail = self._tail_for(key, after)
         if tail.last_seq > after:
             return True
         self._follow(key, after)
@@ -347,7 +345,7 @@ class RedisStore(StreamStore):
                         await self._follow_changed.wait()
                         continue
                     self._follow_changed.clear()
-                    for k in [k for k in self._followed if not (self._tails.get(k) and self._tails[k].waiters)]:
+                    for k in [k for k in self._followed if not ((t := self._tail_of(k)) and t.watched)]:
                         del self._followed[k]  # nobody waits any more
                     if not self._followed:
                         continue
@@ -356,12 +354,10 @@ class RedisStore(StreamStore):
                     for stream_key, entries in result or ():
                         if not entries:
                             continue
-                        key = self._key_of(stream_key)
-                        last = int(entries[-1][0].split(b"-", 1)[0])
-                        tail = self._tails.get(key)
+                        key = self.keys.run_of_events(stream_key)
+                        tail = self._tail_of(key)
                         if tail is not None:
-                            tail.last_seq = max(tail.last_seq, last)
-                            tail.wake()
+                            tail.advance(int(entries[-1][0].split(b"-", 1)[0]))
                         self._followed.pop(key, None)  # re-followed by the next wait()
             except RedisError as exc:
                 if self._closing:

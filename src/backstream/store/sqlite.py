@@ -84,7 +84,24 @@ def _record(row: Sequence[Any]) -> RunRecord:
     return RunRecord(**data)
 
 
+def _append_events(conn: sqlite3.Connection, batch: list[Any], i: int, results: list[Any]) -> int:
+    """Consecutive event appends (of any runs) from batch[i] on, as one executemany; returns the next index."""
+    rows, futs = [], []
+    while i < len(batch) and isinstance(batch[i][0], list):
+        rows.extend(batch[i][0])
+        futs.append(batch[i][1])
+        i += 1
+    try:
+        conn.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?)", rows).close()
+        results.extend((f, None, None) for f in futs)
+    except sqlite3.Error as exc:
+        results.extend((f, None, exc) for f in futs)
+    return i
+
+
 class SQLiteStore(StreamStore):
+    """Runs and logs in one SQLite file; one writer thread commits whatever is queued in one transaction."""
+
     name = "sqlite"
     # A full or failing disk, or a file another process holds locked: retry later, not a bad request.
     unavailable_errors = (sqlite3.OperationalError, OSError)
@@ -139,17 +156,7 @@ class SQLiteStore(StreamStore):
                 while i < len(batch):
                     fn, fut = batch[i]
                     if isinstance(fn, list):
-                        # Consecutive event appends (of any runs) become one executemany.
-                        rows, futs = [], []
-                        while i < len(batch) and isinstance(batch[i][0], list):
-                            rows.extend(batch[i][0])
-                            futs.append(batch[i][1])
-                            i += 1
-                        try:
-                            conn.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?)", rows).close()
-                            results.extend((f, None, None) for f in futs)
-                        except sqlite3.Error as exc:
-                            results.extend((f, None, exc) for f in futs)
+                        i = _append_events(conn, batch, i, results)
                         continue
                     i += 1
                     try:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from .config import ModelConfig, Settings
-from .errors import invalid
+from .errors import Invalid
 from .providers import Provider, create_provider
 
 
@@ -36,6 +38,15 @@ class ModelSlots:
                 self.release(model)  # the slot was handed over just as we were cancelled
             raise
 
+    @asynccontextmanager
+    async def hold(self, model: str, priority: int = 0) -> AsyncIterator[None]:
+        """A slot of `model` for the body of the `async with`: released however the body ends."""
+        await self.acquire(model, priority)
+        try:
+            yield
+        finally:
+            self.release(model)
+
     def release(self, model: str) -> None:
         waiters = self._waiters[model]
         while waiters:
@@ -47,6 +58,8 @@ class ModelSlots:
 
 
 class ModelTable:
+    """The configured models by name and alias: resolves a request's model, its fallback route, its provider."""
+
     def __init__(self, settings: Settings) -> None:
         self.default = settings.default_model
         self.models = {m.name: m for m in settings.models}
@@ -58,7 +71,7 @@ class ModelTable:
         config = self._names.get(name or self.default)
         if config is None:
             available = ", ".join(sorted(self._names))
-            raise invalid(f"unknown model {name!r}; available: {available}", "model")
+            raise Invalid(f"unknown model {name!r}; available: {available}", "model")
         return config
 
     def route(self, config: ModelConfig) -> list[ModelConfig]:

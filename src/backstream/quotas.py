@@ -12,7 +12,8 @@ from typing import Any
 
 from .auth import Principal
 from .config import LimitsSettings, Quota, Settings
-from .errors import ApiError
+from .errors import RateLimited
+from .redis_keys import RedisKeys
 
 _TAKE = """
 local n = redis.call('SCARD', KEYS[1])
@@ -22,16 +23,18 @@ return 1
 """
 
 
-def _too_many(message: str, retry_after: int) -> ApiError:
-    return ApiError(429, "rate_limit_error", message, headers={"retry-after": str(max(1, retry_after))})
+def _too_many(message: str, retry_after: int) -> RateLimited:
+    return RateLimited(message, retry_after)
 
 
 class Quotas:
-    def __init__(self, limits: LimitsSettings, key_quotas: dict[str, Quota], redis: Any = None, prefix: str = "backstream") -> None:
+    """Counts requests and runs per API key and tenant against their limits; in Redis when replicas share them."""
+
+    def __init__(self, limits: LimitsSettings, key_quotas: dict[str, Quota], redis: Any = None, keys: RedisKeys | None = None) -> None:
         self.limits = limits
         self.key_quotas = key_quotas  # principal name -> its own limits (API keys that set them)
         self.redis = redis
-        self.prefix = prefix
+        self.keys = keys or RedisKeys("backstream")
         self._windows: dict[str, tuple[int, int]] = {}
         self._sets: dict[str, set[str]] = {}
         if redis is not None:
@@ -62,7 +65,7 @@ class Quotas:
 
     async def _count_request(self, scope: str, minute: int) -> int:
         if self.redis is not None:
-            key = f"{self.prefix}:rate:{{{scope}}}:{minute}"
+            key = self.keys.rate_window(scope, minute)
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.incr(key)
                 pipe.expire(key, 2 * self.limits.rate_window_s)
@@ -104,7 +107,7 @@ class Quotas:
 
     async def _take_slot(self, name: str, limit: int, run_id: str) -> bool:
         if self.redis is not None:
-            return bool(await self._take(keys=[f"{self.prefix}:quota:{{{name}}}"], args=[limit, run_id]))
+            return bool(await self._take(keys=[self.keys.quota_set(name)], args=[limit, run_id]))
         members = self._sets.setdefault(name, set())
         if limit and len(members) >= limit:
             return False
@@ -113,11 +116,12 @@ class Quotas:
 
     async def _drop(self, name: str, run_id: str) -> None:
         if self.redis is not None:
-            await self.redis.srem(f"{self.prefix}:quota:{{{name}}}", run_id)
+            await self.redis.srem(self.keys.quota_set(name), run_id)
         else:
             self._sets.get(name, set()).discard(run_id)
 
 
-def build_quotas(settings: Settings, redis: Any = None) -> Quotas:
+def build_quotas(settings: Settings, redis: Any = None, keys: RedisKeys | None = None) -> Quotas:
+    """Quotas in this process, or (with `redis`) shared by every replica. Only deployment.py calls it."""
     key_quotas = {f"key:{k.name}": k.limits for k in settings.auth.api_keys if k.limits is not None}
-    return Quotas(settings.limits, key_quotas, redis, settings.redis.key_prefix)
+    return Quotas(settings.limits, key_quotas, redis, keys)

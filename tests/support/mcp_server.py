@@ -10,7 +10,7 @@ from typing import Any
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 
-from tests.conftest import free_port
+from tests.support.server import free_port
 
 
 def build_server() -> MCPServer:

@@ -1,4 +1,4 @@
-"""HTTP edge hardening: request-head limits, slow clients, connection cap, response headers, CORS.
+"""Connection guards: request-head limits, slow clients and a connection cap, below ASGI.
 
 uvicorn's httptools protocol accepts request heads of any size (httptools buffers a
 header value until it ends) and waits forever for a head or a body that never comes.
@@ -16,24 +16,18 @@ import time
 from typing import Any
 
 import httptools
-from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from .config import CorsSettings, HttpSettings
+from ..config import HttpSettings
+from ..events import new_ulid
 from .errors import error_body
-from .events import new_ulid
+from .security_headers import SECURITY_RAW
 
 log = logging.getLogger("backstream.http")
 
-SECURITY_HEADERS = {"x-content-type-options": "nosniff", "cache-control": "no-store"}
-_SECURITY_RAW = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
 # A refused connection keeps reading (and dropping) what the client still sends for this
 # long, so that closing does not reset the connection before the client read the answer.
 LINGER_S = 1.0
-CORS_ALLOW_HEADERS = ["Authorization", "Content-Type", "X-Tenant", "Last-Event-ID", "X-Request-Id"]
-CORS_EXPOSE_HEADERS = ["X-Request-Id", "Retry-After"]
 
 
 _last_logged: dict[str, float] = {}
@@ -199,7 +193,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()  # a (pipelined) response is under way: an answer now would corrupt it
             return
         body = error_body(type_, message, "req_" + new_ulid())
-        headers = [*self.server_state.default_headers, *_SECURITY_RAW, *(extra or [])]
+        headers = [*self.server_state.default_headers, *SECURITY_RAW, *(extra or [])]
         head = [STATUS_LINE[status]]
         head += [name + b": " + value + b"\r\n" for name, value in headers]
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
@@ -215,44 +209,3 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._body_timer = None
-
-
-class SecurityHeaders:
-    """Adds nosniff and no-store to every response that does not set them itself."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", ()))
-                present = {name.lower() for name, _ in headers}
-                headers += [(k, v) for k, v in _SECURITY_RAW if k not in present]
-                message["headers"] = headers
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_headers)
-        except ClientDisconnect:
-            # The client left (or was timed out) while its body was read: nobody to answer.
-            log.info("client disconnected before its request body was read: %s %s", scope["method"], scope["path"])
-
-
-def add_cors(app: Any, cors: CorsSettings) -> None:
-    """Starlette's CORS middleware, outermost so that preflights are answered before authentication."""
-    if not cors.allow_origins:
-        return
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=cors.allow_origins,
-        allow_credentials=cors.allow_credentials,
-        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-        allow_headers=CORS_ALLOW_HEADERS,
-        expose_headers=CORS_EXPOSE_HEADERS,
-        max_age=cors.max_age_s,
-    )

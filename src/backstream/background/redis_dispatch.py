@@ -1,14 +1,10 @@
-"""Who executes a background run, and when.
+"""The Redis dispatcher: several replicas share one queue per model.
 
-`LocalDispatcher` (memory and SQLite stores): one process; a run starts at once and
-waits inside the run loop for its model's slot (`ModelSlots`: priority, then arrival).
-
-`RedisDispatcher` (Redis store): several replicas. Per model, queued runs sit in a
-sorted set ordered by (priority, arrival) and executing runs in another whose
-scores are lease deadlines. A Lua script claims the head of the queue only while
-fewer than `max_concurrency` live leases exist, so the limit and the priority
-order hold across all replicas. Replicas renew their leases; a survivor reaps
-expired ones and takes the runs over (fencing the old owner out of the store).
+Queued runs sit in a sorted set ordered by (priority, arrival) and executing runs in
+another whose scores are lease deadlines. A Lua script claims the head of the queue
+only while fewer than `max_concurrency` live leases exist, so the limit and the
+priority order hold across all replicas. Replicas renew their leases; a survivor
+reaps expired ones and takes the runs over (fencing the old owner out of the store).
 Cancel and delete reach the executing replica over pub/sub.
 """
 
@@ -18,17 +14,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
 
-from .config import Settings
-from .store import RunRecord
-
-if TYPE_CHECKING:
-    from .scheduler import RunScheduler
-    from .store.redis import RedisStore
+from ..config import Settings
+from ..redis_keys import RedisKeys, member, split_member
+from ..statuses import FinishReason
+from ..store import RunRecord
+from ..store.redis import RedisStore
+from .protocols import RunHost
 
 log = logging.getLogger("backstream.dispatch")
 
@@ -67,72 +63,24 @@ def _score(record: RunRecord) -> int:
     return record.priority * _PRIORITY_SPAN + int(record.created_at * 1000)
 
 
-def member(record: RunRecord) -> str:
-    return f"{record.tenant}/{record.message_id}"
-
-
-def _split(m: bytes | str) -> tuple[str, str]:
-    text = m.decode() if isinstance(m, bytes) else m
-    tenant, _, mid = text.partition("/")
-    return tenant, mid
-
-
-class LocalDispatcher:
-    def __init__(self, scheduler: RunScheduler) -> None:
-        self.scheduler = scheduler
-
-    async def start(self) -> None:
-        await self.scheduler.recover_local()
-
-    async def stop(self) -> None:
-        return None
-
-    async def enqueue(self, record: RunRecord, chat: Any, config: Any, limit: int | None = None) -> bool:
-        # No await between the check and launch(), which counts the run: atomic on the event loop.
-        if limit is not None and self.scheduler.local_pending >= limit:
-            return False
-        self.scheduler.launch(record, chat, config)
-        return True
-
-    async def hand_over(self, record: RunRecord) -> None:
-        return None  # it stays pending in the store; recovery starts it with the server
-
-    async def pending(self) -> int:
-        return self.scheduler.local_pending
-
-    async def finished(self, record: RunRecord) -> None:
-        return None
-
-    async def cancel_elsewhere(self, record: RunRecord) -> None:
-        # Nobody else can be executing it: end it here (a log that already ended keeps its ending).
-        await self.scheduler.end_orphan(record, "Cancelled", None)
-
-    async def deleted(self, record: RunRecord) -> None:
-        return None
+def _member(record: RunRecord) -> str:
+    return member(record.tenant, record.message_id)
 
 
 class RedisDispatcher:
-    def __init__(self, settings: Settings, store: RedisStore, scheduler: RunScheduler) -> None:
+    """Queues runs in Redis; claims, renews and takes over leases so every replica shares the limits."""
+
+    def __init__(self, settings: Settings, store: RedisStore, keys: RedisKeys, host: RunHost) -> None:
         self.settings = settings
         self.store = store
-        self.scheduler = scheduler
+        self.host = host
         self.redis = store.redis
-        self.prefix = settings.redis.key_prefix
+        self.keys = keys
         self.lease_ms = int(settings.redis.lease_s * 1000)
         self.capacity = {m.name: m.max_concurrency for m in settings.models}
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
-
-    def queue_key(self, model: str) -> str:
-        return f"{self.prefix}:queue:{{{model}}}"
-
-    def running_key(self, model: str) -> str:
-        return f"{self.prefix}:running:{{{model}}}"
-
-    @property
-    def control_channel(self) -> str:
-        return f"{self.prefix}:control"
 
     # --- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -140,11 +88,11 @@ class RedisDispatcher:
         self._reap = self.redis.register_script(_REAP)
         self._enqueue = self.redis.register_script(_ENQUEUE)
         self._pubsub = self.redis.pubsub()
-        await self._pubsub.subscribe(self.control_channel)
+        await self._pubsub.subscribe(self.keys.control_channel)
         self._tasks = [
-            asyncio.create_task(self._listen()),
-            asyncio.create_task(self._dispatch_loop()),
-            asyncio.create_task(self._lease_loop()),
+            asyncio.create_task(self._listen(), name="dispatch:control-listener"),
+            asyncio.create_task(self._dispatch_loop(), name="dispatch:claims"),
+            asyncio.create_task(self._lease_loop(), name="dispatch:leases"),
         ]
         self._kick.set()
 
@@ -158,13 +106,13 @@ class RedisDispatcher:
                 await self._pubsub.aclose()
 
     async def _publish(self, op: str, record: RunRecord, **extra: Any) -> None:
-        await self.redis.publish(self.control_channel, orjson.dumps({"op": op, "tenant": record.tenant, "id": record.message_id, **extra}))
+        await self.redis.publish(self.keys.control_channel, orjson.dumps({"op": op, "tenant": record.tenant, "id": record.message_id, **extra}))
 
     # --- queue ------------------------------------------------------------------------
     async def enqueue(self, record: RunRecord, chat: Any = None, config: Any = None, limit: int | None = None) -> bool:
-        target = self.queue_key(record.model)
-        keys = [target] + [self.queue_key(m) for m in self.capacity if self.queue_key(m) != target]
-        args = [-1 if limit is None else limit, _score(record), member(record)]
+        target = self.keys.queue(record.model)
+        keys = [target] + [self.keys.queue(m) for m in self.capacity if self.keys.queue(m) != target]
+        args = [-1 if limit is None else limit, _score(record), _member(record)]
         if not await self._enqueue(keys=keys, args=args):
             return False
         await self._publish("work", record)
@@ -176,29 +124,29 @@ class RedisDispatcher:
 
     async def _requeue(self, record: RunRecord) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.running_key(record.model), member(record))
-            pipe.zadd(self.queue_key(record.model), {member(record): _score(record)})
+            pipe.zrem(self.keys.running(record.model), _member(record))
+            pipe.zadd(self.keys.queue(record.model), {_member(record): _score(record)})
             await pipe.execute()
         await self._publish("work", record)
 
     async def pending(self) -> int:
         async with self.redis.pipeline(transaction=False) as pipe:
             for model in self.capacity:
-                pipe.zcard(self.queue_key(model))
+                pipe.zcard(self.keys.queue(model))
             return sum(await pipe.execute())
 
     async def finished(self, record: RunRecord) -> None:
-        await self.redis.zrem(self.running_key(record.model), member(record))
+        await self.redis.zrem(self.keys.running(record.model), _member(record))
         await self._publish("work", record)
 
     async def deleted(self, record: RunRecord) -> None:
-        await self.redis.zrem(self.queue_key(record.model), member(record))
+        await self.redis.zrem(self.keys.queue(record.model), _member(record))
         await self._publish("deleted", record)
 
     async def cancel_elsewhere(self, record: RunRecord) -> None:
         """Cancel a run this replica is not executing."""
-        if await self.redis.zrem(self.queue_key(record.model), member(record)):
-            await self.scheduler.end_orphan(record, "Cancelled", None)  # it was still queued: nobody else has it
+        if await self.redis.zrem(self.keys.queue(record.model), _member(record)):
+            await self.host.end_orphan(record, FinishReason.CANCELLED, None)  # it was still queued: nobody else has it
             return
         await self._publish("cancel", record)
         # Wait long enough for a takeover to end the run if its replica is dead: ending it here
@@ -211,7 +159,7 @@ class RedisDispatcher:
             await self.store.wait(record.tenant, record.message_id, await self.store.last_seq(record.tenant, record.message_id), 0.5)
         current = await self.store.get_run(record.tenant, record.message_id)
         if current is not None and not current.terminal:
-            await self.scheduler.end_orphan(current, "Cancelled", None)
+            await self.host.end_orphan(current, FinishReason.CANCELLED, None)
 
     # --- loops --------------------------------------------------------------------------
     async def _listen(self) -> None:
@@ -225,7 +173,7 @@ class RedisDispatcher:
                     if op == "work":
                         self._kick.set()
                     elif op == "cancel":
-                        self.scheduler.cancel_local(*key)
+                        self.host.cancel_local(*key)
                     elif op == "deleted":
                         self.store.wake(*key)
             except asyncio.CancelledError:
@@ -234,7 +182,7 @@ class RedisDispatcher:
                 log.warning("control channel failed (%s); resubscribing", exc)
                 await asyncio.sleep(0.5)
                 with contextlib.suppress(RedisError):
-                    await self._pubsub.subscribe(self.control_channel)
+                    await self._pubsub.subscribe(self.keys.control_channel)
 
     async def _dispatch_loop(self) -> None:
         # Woken by "work" messages; the timeout is only a safety net for a lost message.
@@ -252,21 +200,21 @@ class RedisDispatcher:
 
     async def _claim_all(self) -> None:
         for model, capacity in self.capacity.items():
-            while not self.scheduler.stopping:
+            while not self.host.stopping:
                 now = int(time.time() * 1000)
-                won = await self._claim(keys=[self.queue_key(model), self.running_key(model)], args=[now, self.lease_ms, capacity])
+                won = await self._claim(keys=[self.keys.queue(model), self.keys.running(model)], args=[now, self.lease_ms, capacity])
                 if not won:
                     break
-                await self._start_claimed(model, *_split(won))
+                await self._start_claimed(model, *split_member(won))
 
     async def _start_claimed(self, model: str, tenant: str, mid: str) -> None:
         record = await self.store.get_run(tenant, mid)
         if record is None or record.terminal:  # deleted or ended while queued
-            await self.redis.zrem(self.running_key(model), f"{tenant}/{mid}")
+            await self.redis.zrem(self.keys.running(model), member(tenant, mid))
             return
         await self.store.claim(tenant, mid)
-        await self.store.update_run(tenant, mid, owner=self.scheduler.owner)
-        self.scheduler.launch_from_record(record.changed(owner=self.scheduler.owner))
+        await self.store.update_run(tenant, mid, owner=self.host.owner)
+        self.host.launch_from_record(record.changed(owner=self.host.owner))
 
     async def _lease_loop(self) -> None:
         interval = self.settings.redis.lease_s / 3
@@ -280,7 +228,7 @@ class RedisDispatcher:
 
     async def _renew(self) -> None:
         """Extend the leases of the runs we execute, unless another replica's claim fenced us out."""
-        records = [r for r in self.scheduler.local_records() if self.store.fence_of(r.key) is not None]
+        records = [r for r in self.host.local_records() if self.store.fence_of(r.key) is not None]
         if not records:
             return
         stored = await self.store.current_fences([r.key for r in records])
@@ -288,19 +236,19 @@ class RedisDispatcher:
         async with self.redis.pipeline(transaction=False) as pipe:
             for r, fence in zip(records, stored):
                 if fence == self.store.fence_of(r.key):
-                    pipe.zadd(self.running_key(r.model), {member(r): deadline}, xx=True)
+                    pipe.zadd(self.keys.running(r.model), {_member(r): deadline}, xx=True)
             await pipe.execute()
         for r, fence in zip(records, stored):
             if fence != self.store.fence_of(r.key):
                 log.warning("run %s was taken over by another replica; stopping it here", r.message_id)
-                self.scheduler.abandon_local(r.tenant, r.message_id)
+                self.host.abandon_local(r.tenant, r.message_id)
 
     async def _reap_expired(self) -> None:
         now = int(time.time() * 1000)
         for model in self.capacity:
-            dead = await self._reap(keys=[self.running_key(model)], args=[now, self.lease_ms])
+            dead = await self._reap(keys=[self.keys.running(model)], args=[now, self.lease_ms])
             for m in dead or ():
-                tenant, mid = _split(m)
+                tenant, mid = split_member(m)
                 try:  # each takeover on its own: one that fails keeps its lease and is retried later
                     await self._take_over(model, tenant, mid)
                 except Exception as exc:
@@ -311,7 +259,7 @@ class RedisDispatcher:
         """End or requeue a run whose replica stopped renewing its lease (we hold the lease now)."""
         record = await self.store.get_run(tenant, mid)
         if record is None or record.terminal:
-            await self.redis.zrem(self.running_key(model), f"{tenant}/{mid}")
+            await self.redis.zrem(self.keys.running(model), member(tenant, mid))
             return
         await self.store.claim(tenant, mid)  # fence the presumed-dead owner out
         if await self.store.last_event(tenant, mid) is None:
@@ -319,6 +267,6 @@ class RedisDispatcher:
             await self._requeue(record)
             log.info("run %s requeued: its replica stopped before the first event", mid)
             return
-        status = await self.scheduler.end_orphan(record, "Error", {"type": "api_error", "message": "the replica running this run stopped"}, claimed=True)
-        await self.redis.zrem(self.running_key(model), f"{tenant}/{mid}")
+        status = await self.host.end_orphan(record, FinishReason.ERROR, {"type": "api_error", "message": "the replica running this run stopped"}, claimed=True)
+        await self.redis.zrem(self.keys.running(model), member(tenant, mid))
         log.warning("run %s taken over from a stopped replica; ended as %s", mid, status)

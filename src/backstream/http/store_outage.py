@@ -2,18 +2,17 @@
 
 Outermost of our middleware, so it also covers authentication and rate limits (which
 read the store on Redis). Once a response has started (an SSE stream) it cannot be
-changed; watchers ride out outages themselves (see streams._Outage).
+changed; watchers ride out outages themselves (see background.watch.OutageBackoff).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .store import StreamStore
+from ..store import StreamStore
+from .errors import error_response
 
 log = logging.getLogger("backstream.store")
 
@@ -21,10 +20,11 @@ RETRY_AFTER_S = "1"
 
 
 class StoreOutageGuard:
-    def __init__(self, app: ASGIApp, store: StreamStore, error_response: Callable[..., Any]) -> None:
+    """Answers 503 with Retry-After when a request fails because the store is out of reach."""
+
+    def __init__(self, app: ASGIApp, store: StreamStore) -> None:
         self.app = app
         self.store = store
-        self.error_response = error_response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,7 +43,7 @@ class StoreOutageGuard:
             if started or not self.store.unavailable(exc):
                 raise
             log.warning("%s %s: the store is out of reach (%s: %s); answered 503", scope["method"], scope["path"], type(exc).__name__, exc)
-            response = self.error_response(
+            response = error_response(
                 scope, 503, "overloaded_error", "the run store is temporarily unavailable; retry shortly",
                 headers={"retry-after": RETRY_AFTER_S},
             )

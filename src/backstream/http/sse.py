@@ -14,12 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from .events import KEEPALIVE
+from ..events import KEEPALIVE
 
 T = TypeVar("T")
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -79,7 +78,7 @@ class EventStreamResponse(Response):
         self.raw_headers = SSE_HEADERS + (headers or [])
         self.on_close = on_close
 
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         last_write = time.monotonic()
 
@@ -100,7 +99,7 @@ class EventStreamResponse(Response):
                     await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
                     last_write = time.monotonic()
 
-        pump_task = asyncio.ensure_future(pump())
+        pump_task = asyncio.ensure_future(pump())  # the frames; the response ends when it does
         ticker = asyncio.ensure_future(keepalive())
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         try:

@@ -1,4 +1,5 @@
-"""The chat request body shared by `POST /v1/messages` and `POST /v1/messages/async`.
+"""The API's request and response models: the chat request body shared by `POST /v1/messages`
+and `POST /v1/messages/async`, and the bodies the endpoints answer with.
 
 Everything a client sends is validated here, once, so the providers and the run
 loop can trust it. Unknown top-level fields are rejected: a typo such as
@@ -420,3 +421,34 @@ class ModelInfo(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelInfo]
+
+
+class AsyncStarted(BaseModel):
+    message_id: str
+    status: str = "pending"
+    message: str = "Request initiated successfully"
+
+
+class StreamMetadata(BaseModel, extra="allow"):
+    model: str | None = None
+    provider: str | None = None
+    priority: int = 0
+    correlation_id: str | None = None
+    event_count: int = 0
+    usage: dict[str, Any] | None = None
+
+
+class StreamStatus(BaseModel):
+    message_id: str
+    status: str
+    created_at: str
+    updated_at: str
+    completed_at: str | None
+    error_message: str | None
+    stream_type: str = "chat_completion"
+    metadata: StreamMetadata
+
+
+class Cancelled(BaseModel):
+    message: str = "Stream cancelled successfully"
+    message_id: str

@@ -1,0 +1,79 @@
+"""The app factory: builds the deployment, installs the middleware stack, the error handlers and the surfaces."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..auth import Authenticator
+from ..config import Settings
+from ..deployment import build_deployment
+from ..engine import RunOptions
+from ..model_table import ModelTable
+from ..quotas import Quotas
+from ..store import StreamStore
+from . import background_runs, messages, operations
+from .authentication import AuthenticationMiddleware
+from .body_limit import BodyLimitMiddleware
+from .errors import install_error_handlers
+from .json_response import ORJSONResponse
+from .openapi import install_openapi
+from .rate_limit import RateLimitMiddleware
+from .request_id import RequestIdMiddleware
+from .security_headers import SecurityHeaders, add_cors
+from .state import Services, install
+from .store_outage import StoreOutageGuard
+
+
+def create_app(settings: Settings) -> FastAPI:
+    models = ModelTable(settings)
+    deployment = build_deployment(settings, models)
+    store = deployment.store
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await store.open()
+        await deployment.start()
+        # Everything imported so far lives as long as the process: keep the collector off it,
+        # and collect young objects less often (each token allocates a few).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
+        try:
+            yield
+        finally:
+            await deployment.stop()
+            await store.close()
+            await models.aclose()
+
+    app = FastAPI(
+        title="Backstream",
+        version=__version__,
+        description="Self-hosted LLM chat gateway with durable background chat streams.",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    install(app, Services(settings, models, deployment, RunOptions.from_settings(settings)))
+    _install_middleware(app, settings, deployment.quotas, store)
+    install_error_handlers(app)
+    install_openapi(app)
+    app.include_router(operations.router)
+    app.include_router(messages.router)
+    app.include_router(background_runs.router)
+    return app
+
+
+def _install_middleware(app: FastAPI, settings: Settings, quotas: Quotas, store: StreamStore) -> None:
+    """Added innermost first; a request passes them in the reverse order:
+    CORS → security headers → store outage → request id → authentication → rate limit → body limit."""
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(RateLimitMiddleware, quotas=quotas)  # needs the caller: inside authentication
+    app.add_middleware(AuthenticationMiddleware, authenticator=Authenticator(settings.auth))
+    app.add_middleware(RequestIdMiddleware)  # outside every answer of ours: they all carry the id
+    app.add_middleware(StoreOutageGuard, store=store)  # outside auth and rate limits, which read the store
+    app.add_middleware(SecurityHeaders)  # response headers and CORS wrap everything, preflights bypass auth
+    add_cors(app, settings.cors)
