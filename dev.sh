@@ -129,11 +129,18 @@ case "$cmd" in
         ensure_redis
         exec "$VENV/bin/python" -m pytest -q "$@"
         ;;
+    check)
+        # Static checks (CI runs them before the tests): lint, format, types.
+        ensure_venv
+        "$VENV/bin/ruff" check .
+        "$VENV/bin/ruff" format --check .
+        "$VENV/bin/mypy"
+        ;;
     lock)
         lock "$@"
         ;;
     *)
-        echo "usage: ./dev.sh serve [serve options] | ./dev.sh test [pytest options] | ./dev.sh lock [--upgrade]" >&2
+        echo "usage: ./dev.sh serve [serve options] | ./dev.sh test [pytest options] | ./dev.sh check | ./dev.sh lock [--upgrade]" >&2
         exit 2
         ;;
 esac

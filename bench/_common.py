@@ -52,8 +52,12 @@ def median(values: list[float]) -> float:
 def source_version() -> str:
     """The commit being measured, with '+dirty' when src/ has uncommitted changes."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head or "unknown") + ("+dirty" if dirty else "")
@@ -160,10 +164,16 @@ class ServerProcess:
         self.port = free_port()
         log = open(self.log_path, "ab")
         cmd = [
-            sys.executable, "-m", "backstream", "serve",
-            "--config", str(self.config_path),
-            "--port", str(self.port),
-            "--data-dir", str(self.data_dir),
+            sys.executable,
+            "-m",
+            "backstream",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
         ]
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.work_dir, env=clean_env())
@@ -291,7 +301,9 @@ def table(headers: list[str], rows: list[list[Any]], align: str | None = None) -
     align = align or "l" + "r" * (len(headers) - 1)
 
     def line(r: list[str]) -> str:
-        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align)).rstrip()
+        return "  ".join(
+            c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align, strict=False)
+        ).rstrip()
 
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out.extend(line(r) for r in cells[1:])

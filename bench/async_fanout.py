@@ -397,7 +397,7 @@ class Workers:
             self.procs.append(p)
 
     def run(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for pipe, job in zip(self.pipes, jobs):
+        for pipe, job in zip(self.pipes, jobs, strict=False):
             pipe.send(job)
         return [pipe.recv() for pipe in self.pipes[: len(jobs)]]
 
@@ -421,7 +421,9 @@ class Workers:
 # ------------------------------------------------------------------ final statuses
 
 
-async def fetch_statuses(ids: list[tuple[str, int]], concurrency: int = 32, wait_s: float = 20.0) -> dict[str, dict[str, Any]]:
+async def fetch_statuses(
+    ids: list[tuple[str, int]], concurrency: int = 32, wait_s: float = 20.0
+) -> dict[str, dict[str, Any]]:
     """GET .../status for every run, re-asking (briefly) until it is terminal."""
     out: dict[str, dict[str, Any]] = {}
     queue = list(ids)
@@ -440,7 +442,11 @@ async def fetch_statuses(ids: list[tuple[str, int]], concurrency: int = 32, wait
                     except (HttpError, ConnectionError, OSError, ValueError) as exc:
                         conn.close()
                         doc = {"status": f"status request failed: {exc}", "metadata": {}}
-                    if doc.get("status") in TERMINAL or time.monotonic() > deadline or not doc.get("status", "").isalpha():
+                    if (
+                        doc.get("status") in TERMINAL
+                        or time.monotonic() > deadline
+                        or not doc.get("status", "").isalpha()
+                    ):
                         break
                     await asyncio.sleep(0.1)
                 out[mid] = doc
@@ -534,8 +540,17 @@ def redis_check() -> None:
         client.close()
 
 
-def run_round(args: argparse.Namespace, n: int, store: str, replicas: int, fake: FakeUpstreamProcess,
-              workers: Workers, work: Path, label: str, spy_out: Path | None = None) -> dict[str, Any]:
+def run_round(
+    args: argparse.Namespace,
+    n: int,
+    store: str,
+    replicas: int,
+    fake: FakeUpstreamProcess,
+    workers: Workers,
+    work: Path,
+    label: str,
+    spy_out: Path | None = None,
+) -> dict[str, Any]:
     spec = f"tokens={args.tokens};delay_ms={1000 / args.rate:g};stamp=1"
     prefix = f"bsbench-{secrets.token_hex(6)}"
     config = server_config(store, fake.port, spec, prefix)
@@ -547,8 +562,13 @@ def run_round(args: argparse.Namespace, n: int, store: str, replicas: int, fake:
             servers.append(ServerProcess(work, config, name=f"{label}-replica{k}").start())
         ports = [s.port for s in servers]
         pids = {f"server{k}": s.pid for k, s in enumerate(servers)}
-        body = orjson.dumps({"model": "fake", "max_tokens": max(1000, args.tokens + 16),
-                             "messages": [{"role": "user", "content": "hi"}]})
+        body = orjson.dumps(
+            {
+                "model": "fake",
+                "max_tokens": max(1000, args.tokens + 16),
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+        )
         # Run i is started on replica i % R and watched from the next one (the other, with 2).
         runs = [(i, ports[i % replicas], ports[(i + 1) % replicas]) for i in range(n)]
         nw = min(args.workers, n)
@@ -556,7 +576,10 @@ def run_round(args: argparse.Namespace, n: int, store: str, replicas: int, fake:
         deadline_ns = t0 + int((args.round_timeout or (60 + 4 * duration)) * 1e9)
         jobs = [
             {
-                "t0_ns": t0, "runs": runs[w::nw], "watchers": args.watchers, "body": body,
+                "t0_ns": t0,
+                "runs": runs[w::nw],
+                "watchers": args.watchers,
+                "body": body,
                 "post_concurrency": max(1, args.post_concurrency // nw),
                 "connect_concurrency": max(1, args.connect_concurrency // nw),
                 "deadline_ns": deadline_ns,
@@ -586,7 +609,7 @@ def run_round(args: argparse.Namespace, n: int, store: str, replicas: int, fake:
             s.__exit__()
         if spy is not None:
             spy.stop()
-        peaks = [max(s.peak, peak_rss_mb(srv.pid) or 0.0) for s, srv in zip(samplers, servers)]
+        peaks = [max(s.peak, peak_rss_mb(srv.pid) or 0.0) for s, srv in zip(samplers, servers, strict=False)]
         started: dict[int, tuple[str, int, str]] = {}
         for r in results:
             started.update(r["started"])
@@ -604,24 +627,55 @@ def run_round(args: argparse.Namespace, n: int, store: str, replicas: int, fake:
             else:
                 print(f"    (deleted {removed} redis keys under {prefix}:*)", flush=True)
 
-    return summarise_round(args, n, store, replicas, results, started, statuses, wall,
-                           cpu1, cpu0, fake_cpu1 - fake_cpu0, busy0, busy1, peaks, duration, logs, t0)
+    return summarise_round(
+        args,
+        n,
+        store,
+        replicas,
+        results,
+        started,
+        statuses,
+        wall,
+        cpu1,
+        cpu0,
+        fake_cpu1 - fake_cpu0,
+        busy0,
+        busy1,
+        peaks,
+        duration,
+        logs,
+        t0,
+    )
 
 
-def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int, results: list[dict[str, Any]],
-                    started: dict[int, tuple[str, int, str]], statuses: dict[str, dict[str, Any]], wall: float,
-                    cpu1: dict[str, float], cpu0: dict[str, float], fake_cpu: float,
-                    busy0: tuple[float, float], busy1: tuple[float, float], peaks: list[float],
-                    duration: float, logs: list[str], t0: int) -> dict[str, Any]:
+def summarise_round(
+    args: argparse.Namespace,
+    n: int,
+    store: str,
+    replicas: int,
+    results: list[dict[str, Any]],
+    started: dict[int, tuple[str, int, str]],
+    statuses: dict[str, dict[str, Any]],
+    wall: float,
+    cpu1: dict[str, float],
+    cpu0: dict[str, float],
+    fake_cpu: float,
+    busy0: tuple[float, float],
+    busy1: tuple[float, float],
+    peaks: list[float],
+    duration: float,
+    logs: list[str],
+    t0: int,
+) -> dict[str, Any]:
     errors: Counter = Counter()
-    for mid, t, err in started.values():
+    for _mid, _t, err in started.values():
         if err:
             errors[err[:200]] += 1
     # ---- runs
     run_status: Counter = Counter()
     event_counts: dict[int, int] = {}
     completed_counts: list[int] = []
-    for i, (mid, _, err) in started.items():
+    for i, (mid, _, _err) in started.items():
         if not mid:
             run_status["not started"] += 1
             continue
@@ -643,7 +697,7 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
     ends: list[int] = []
     total_events = 0
     for r in results:
-        for idx, connect_ns, first_ns, end_ns, received, unique, gaps, dups, ended, error, live in r["watchers"]:
+        for idx, connect_ns, first_ns, end_ns, received, unique, gaps, dups, ended, error, _live in r["watchers"]:
             expected = event_counts.get(idx, 0)
             total_events += received
             lost += max(0, expected - unique)  # a gap or a missing tail leaves unique short of expected
@@ -680,7 +734,7 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
         la = array.array("q")
         la.frombytes(r["lats"])
         lat_ms.extend(x / 1e6 for x in la)
-        steady_ms.extend(x / 1e6 for x, s in zip(la, st) if all_started < s < first_end)
+        steady_ms.extend(x / 1e6 for x, s in zip(la, st, strict=False) if all_started < s < first_end)
     lat_ms.sort()
     steady_ms.sort()
 
@@ -732,32 +786,55 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
     posted = [r["posted_ns"] for r in results]
     post_s = (max(posted) - t0) / 1e9 if posted else float("nan")
     out = {
-        "n": n, "watchers_per_run": args.watchers, "watchers": n_watchers, "store": store, "replicas": replicas,
-        "tokens": args.tokens, "rate": args.rate, "events_per_run": per_run_events,
-        "delivered_events_per_s": delivered, "delivered_kind": window_kind, "window_s": window_s,
-        "expected_events_per_s": expected_rate, "steady_expected_events_per_s": steady_expected,
-        "peak_1s_live_events_per_s": peak_1s, "events_received": total_events, "max_live_runs": max_live_runs,
+        "n": n,
+        "watchers_per_run": args.watchers,
+        "watchers": n_watchers,
+        "store": store,
+        "replicas": replicas,
+        "tokens": args.tokens,
+        "rate": args.rate,
+        "events_per_run": per_run_events,
+        "delivered_events_per_s": delivered,
+        "delivered_kind": window_kind,
+        "window_s": window_s,
+        "expected_events_per_s": expected_rate,
+        "steady_expected_events_per_s": steady_expected,
+        "peak_1s_live_events_per_s": peak_1s,
+        "events_received": total_events,
+        "max_live_runs": max_live_runs,
         "runs_started_per_s": n / post_s if post_s == post_s and post_s > 0 else float("nan"),
-        "latency_p50_ms": percentile(lat_ms, 50), "latency_p99_ms": percentile(lat_ms, 99),
-        "latency_max_ms": lat_ms[-1] if lat_ms else float("nan"), "live_tokens": len(lat_ms),
-        "steady_latency_p50_ms": percentile(steady_ms, 50), "steady_latency_p99_ms": percentile(steady_ms, 99),
+        "latency_p50_ms": percentile(lat_ms, 50),
+        "latency_p99_ms": percentile(lat_ms, 99),
+        "latency_max_ms": lat_ms[-1] if lat_ms else float("nan"),
+        "live_tokens": len(lat_ms),
+        "steady_latency_p50_ms": percentile(steady_ms, 50),
+        "steady_latency_p99_ms": percentile(steady_ms, 99),
         "steady_tokens": len(steady_ms),
-        "lost_events": lost, "sequence_errors": seq_errors, "watchers_without_end": bad_end,
-        "watcher_errors": watcher_errors, "failed_runs": failed_runs, "run_statuses": dict(run_status),
-        "server_peak_rss_mb": sum(peaks), "server_peak_rss_per_replica_mb": peaks,
-        "server_cpu_pct": 100 * server_cpu / wall, "loadgen_cpu_pct": 100 * sum(lg_cpu) / wall,
+        "lost_events": lost,
+        "sequence_errors": seq_errors,
+        "watchers_without_end": bad_end,
+        "watcher_errors": watcher_errors,
+        "failed_runs": failed_runs,
+        "run_statuses": dict(run_status),
+        "server_peak_rss_mb": sum(peaks),
+        "server_peak_rss_per_replica_mb": peaks,
+        "server_cpu_pct": 100 * server_cpu / wall,
+        "loadgen_cpu_pct": 100 * sum(lg_cpu) / wall,
         "loadgen_cpu_pct_per_process": [100 * c / wall for c in lg_cpu],
-        "fake_cpu_pct": 100 * fake_cpu / wall, "machine_busy_pct": 100 * busy,
+        "fake_cpu_pct": 100 * fake_cpu / wall,
+        "machine_busy_pct": 100 * busy,
         # What the whole machine was busy with beyond the server(s), the fake and the load generator
         # (100 = one core): anything large means something else ran alongside and the numbers are suspect.
         "other_cpu_pct": 100 * busy * (os.cpu_count() or 1) - 100 * (server_cpu + fake_cpu + sum(lg_cpu)) / wall,
         "start_all_runs_s": post_s,
-        "attach_p50_ms": percentile(sorted(attach_ms), 50), "attach_p99_ms": percentile(sorted(attach_ms), 99),
+        "attach_p50_ms": percentile(sorted(attach_ms), 50),
+        "attach_p99_ms": percentile(sorted(attach_ms), 99),
         "attach_max_ms": max(attach_ms) if attach_ms else float("nan"),
         "first_run_ended_s": (first_end - t0) / 1e9 if first_end else float("nan"),
         "watchers_caught_up_s": (caught_up_99 - t0) / 1e9 if firsts else float("nan"),
         "last_watcher_caught_up_s": (firsts[-1] - t0) / 1e9 if firsts else float("nan"),
-        "round_wall_s": wall, "errors": dict(errors.most_common(10)),
+        "round_wall_s": wall,
+        "errors": dict(errors.most_common(10)),
     }
     if errors or failed_runs:
         out["server_log"] = {f"replica{k}": summary for k, summary in enumerate(logs) if summary}
@@ -767,18 +844,54 @@ def summarise_round(args: argparse.Namespace, n: int, store: str, replicas: int,
 # ------------------------------------------------------------------ output
 
 
-HEADERS = ["store", "repl", "runs", "watchers", "starts/s", "max live runs", "delivered ev/s", "expected ev/s", "window s",
-           "p50 ms", "p99 ms", "max ms", "steady p99 ms", "lost", "failed runs", "server RSS MB",
-           "server CPU %", "loadgen CPU %", "fake CPU %", "machine busy %"]
+HEADERS = [
+    "store",
+    "repl",
+    "runs",
+    "watchers",
+    "starts/s",
+    "max live runs",
+    "delivered ev/s",
+    "expected ev/s",
+    "window s",
+    "p50 ms",
+    "p99 ms",
+    "max ms",
+    "steady p99 ms",
+    "lost",
+    "failed runs",
+    "server RSS MB",
+    "server CPU %",
+    "loadgen CPU %",
+    "fake CPU %",
+    "machine busy %",
+]
 
 
 def row(r: dict[str, Any]) -> list[Any]:
     delivered = fmt(r["delivered_events_per_s"], 0) + ("*" if r["delivered_kind"] != "all-live" else "")
-    return [r["store"], r["replicas"], r["n"], r["watchers"], fmt(r["runs_started_per_s"], 0), r["max_live_runs"], delivered, fmt(r["expected_events_per_s"], 0),
-            fmt(r["window_s"], 2), fmt(r["latency_p50_ms"], 1), fmt(r["latency_p99_ms"], 1),
-            fmt(r["latency_max_ms"], 1), fmt(r["steady_latency_p99_ms"], 1), r["lost_events"], r["failed_runs"],
-            fmt(r["server_peak_rss_mb"], 1), fmt(r["server_cpu_pct"], 0), fmt(r["loadgen_cpu_pct"], 0),
-            fmt(r["fake_cpu_pct"], 0), fmt(r["machine_busy_pct"], 0)]
+    return [
+        r["store"],
+        r["replicas"],
+        r["n"],
+        r["watchers"],
+        fmt(r["runs_started_per_s"], 0),
+        r["max_live_runs"],
+        delivered,
+        fmt(r["expected_events_per_s"], 0),
+        fmt(r["window_s"], 2),
+        fmt(r["latency_p50_ms"], 1),
+        fmt(r["latency_p99_ms"], 1),
+        fmt(r["latency_max_ms"], 1),
+        fmt(r["steady_latency_p99_ms"], 1),
+        r["lost_events"],
+        r["failed_runs"],
+        fmt(r["server_peak_rss_mb"], 1),
+        fmt(r["server_cpu_pct"], 0),
+        fmt(r["loadgen_cpu_pct"], 0),
+        fmt(r["fake_cpu_pct"], 0),
+        fmt(r["machine_busy_pct"], 0),
+    ]
 
 
 def print_round(r: dict[str, Any]) -> None:
@@ -793,12 +906,17 @@ def print_round(r: dict[str, Any]) -> None:
         flush=True,
     )
     if r["other_cpu_pct"] > 20:
-        print(f"    ! the machine was busy with other processes too (about {r['other_cpu_pct']:.0f}% of a core "
-              "beyond the server, fake and load generator): these numbers are perturbed", flush=True)
+        print(
+            f"    ! the machine was busy with other processes too (about {r['other_cpu_pct']:.0f}% of a core "
+            "beyond the server, fake and load generator): these numbers are perturbed",
+            flush=True,
+        )
     for text, count in r["errors"].items():
         print(f"    ! {count:6d}  {text}", flush=True)
     for replica, summary in r.get("server_log", {}).items():
-        print(f"    server log, {replica} (most frequent warnings, errors and exceptions; ids replaced by X):", flush=True)
+        print(
+            f"    server log, {replica} (most frequent warnings, errors and exceptions; ids replaced by X):", flush=True
+        )
         for text, count in summary.items():
             print(f"      {count:6d}  {text}", flush=True)
 
@@ -819,18 +937,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--watchers", type=int, default=2, help="watchers per run (default 2)")
     ap.add_argument("--tokens", type=int, default=100, help="tokens per run (default 100)")
     ap.add_argument("--rate", type=float, default=20.0, help="tokens per second per run (default 20)")
-    ap.add_argument("--store", choices=["sqlite", "memory", "redis"], default="sqlite", help="server store (default sqlite)")
+    ap.add_argument(
+        "--store", choices=["sqlite", "memory", "redis"], default="sqlite", help="server store (default sqlite)"
+    )
     ap.add_argument("--replicas", type=int, choices=[1, 2], default=1, help="server processes; 2 needs --store redis")
-    ap.add_argument("--compare-replicas", action="store_true",
-                    help="redis store, each N with 1 and then 2 replicas; prints the throughput ratio and p99s")
+    ap.add_argument(
+        "--compare-replicas",
+        action="store_true",
+        help="redis store, each N with 1 and then 2 replicas; prints the throughput ratio and p99s",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: N=50, 40 tokens")
     ap.add_argument("--workers", type=int, default=2, help="load-generator processes (default 2)")
-    ap.add_argument("--post-concurrency", type=int, default=64, help="run starts in flight, over all workers (default 64)")
-    ap.add_argument("--connect-concurrency", type=int, default=256,
-                    help="watcher TCP connects in flight at once, over all workers (default 256)")
-    ap.add_argument("--round-timeout", type=float, default=0.0, help="seconds a round may take (default 60 + 4 x run duration)")
-    ap.add_argument("--py-spy", metavar="FILE", help="profile the first server during the largest round "
-                    "(collapsed stacks to FILE, summary printed; slows the server)")
+    ap.add_argument(
+        "--post-concurrency", type=int, default=64, help="run starts in flight, over all workers (default 64)"
+    )
+    ap.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=256,
+        help="watcher TCP connects in flight at once, over all workers (default 256)",
+    )
+    ap.add_argument(
+        "--round-timeout", type=float, default=0.0, help="seconds a round may take (default 60 + 4 x run duration)"
+    )
+    ap.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        help="profile the first server during the largest round "
+        "(collapsed stacks to FILE, summary printed; slows the server)",
+    )
     ap.add_argument("--py-spy-rate", type=int, default=100, help="py-spy samples per second (default 100)")
     ap.add_argument("--py-spy-native", action="store_true", help="with --py-spy: native (C) frames too")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, server logs)")
@@ -902,23 +1037,51 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.ns:
             one = next(r for r in results if r["n"] == n and r["replicas"] == 1)
             two = next(r for r in results if r["n"] == n and r["replicas"] == 2)
-            ratio = two["delivered_events_per_s"] / one["delivered_events_per_s"] if one["delivered_events_per_s"] else float("nan")
-            peak_ratio = (two["peak_1s_live_events_per_s"] / one["peak_1s_live_events_per_s"]
-                          if one["peak_1s_live_events_per_s"] else float("nan"))
-            compare.append({"n": n, "throughput_ratio_2_over_1": ratio, "peak_1s_ratio_2_over_1": peak_ratio,
-                            "p99_ms_1": one["latency_p99_ms"], "p99_ms_2": two["latency_p99_ms"],
-                            "lost_1": one["lost_events"], "lost_2": two["lost_events"],
-                            "failed_runs_1": one["failed_runs"], "failed_runs_2": two["failed_runs"]})
-            print(f"compare N={n}: throughput ratio 2/1 replicas = {ratio:.3f} (delivered ev/s), {peak_ratio:.3f} (peak 1 s); "
-                  f"p99 latency 1 replica {one['latency_p99_ms']:.1f} ms, 2 replicas {two['latency_p99_ms']:.1f} ms; "
-                  f"lost {one['lost_events']} / {two['lost_events']}, failed runs {one['failed_runs']} / {two['failed_runs']}")
+            ratio = (
+                two["delivered_events_per_s"] / one["delivered_events_per_s"]
+                if one["delivered_events_per_s"]
+                else float("nan")
+            )
+            peak_ratio = (
+                two["peak_1s_live_events_per_s"] / one["peak_1s_live_events_per_s"]
+                if one["peak_1s_live_events_per_s"]
+                else float("nan")
+            )
+            compare.append(
+                {
+                    "n": n,
+                    "throughput_ratio_2_over_1": ratio,
+                    "peak_1s_ratio_2_over_1": peak_ratio,
+                    "p99_ms_1": one["latency_p99_ms"],
+                    "p99_ms_2": two["latency_p99_ms"],
+                    "lost_1": one["lost_events"],
+                    "lost_2": two["lost_events"],
+                    "failed_runs_1": one["failed_runs"],
+                    "failed_runs_2": two["failed_runs"],
+                }
+            )
+            print(
+                f"compare N={n}: throughput ratio 2/1 replicas = {ratio:.3f} (delivered ev/s), {peak_ratio:.3f} (peak 1 s); "
+                f"p99 latency 1 replica {one['latency_p99_ms']:.1f} ms, 2 replicas {two['latency_p99_ms']:.1f} ms; "
+                f"lost {one['lost_events']} / {two['lost_events']}, failed runs {one['failed_runs']} / {two['failed_runs']}"
+            )
 
     goal_rounds = [r for r in results if r["n"] == GOAL_N and r["watchers_per_run"] == GOAL_W]
     if goal_rounds:
-        met = all(r["latency_p99_ms"] < GOAL_P99_MS and r["lost_events"] == 0 and r["failed_runs"] == 0 for r in goal_rounds)
-        verdict = "met" if met else "NOT met (" + "; ".join(
-            f"store {r['store']} x{r['replicas']}: p99 {r['latency_p99_ms']:.1f} ms, lost {r['lost_events']}, "
-            f"failed runs {r['failed_runs']}" for r in goal_rounds) + ")"
+        met = all(
+            r["latency_p99_ms"] < GOAL_P99_MS and r["lost_events"] == 0 and r["failed_runs"] == 0 for r in goal_rounds
+        )
+        verdict = (
+            "met"
+            if met
+            else "NOT met ("
+            + "; ".join(
+                f"store {r['store']} x{r['replicas']}: p99 {r['latency_p99_ms']:.1f} ms, lost {r['lost_events']}, "
+                f"failed runs {r['failed_runs']}"
+                for r in goal_rounds
+            )
+            + ")"
+        )
     else:
         met, verdict = None, "not measured in this run"
     print(f"\ngoal: {GOAL_N} runs × {GOAL_W} watchers, p99 < {GOAL_P99_MS:g} ms, 0 lost — {verdict}")
@@ -930,10 +1093,16 @@ def main(argv: list[str] | None = None) -> int:
         print(summarise_profile(profile))
 
     result = {
-        "source": version, "cpus": os.cpu_count(), "store": args.store, "watchers": args.watchers,
-        "tokens": args.tokens, "rate": args.rate, "loadgen_processes": args.workers,
+        "source": version,
+        "cpus": os.cpu_count(),
+        "store": args.store,
+        "watchers": args.watchers,
+        "tokens": args.tokens,
+        "rate": args.rate,
+        "loadgen_processes": args.workers,
         "rounds": results,
-        "compare_replicas": compare, "goal_met": met,
+        "compare_replicas": compare,
+        "goal_met": met,
     }
     print("RESULT " + json.dumps(_json_safe(result), separators=(",", ":")))
     if args.keep:

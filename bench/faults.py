@@ -183,7 +183,10 @@ def main() -> None:
                 "max_s": round(max(times), 2) if times else None,
                 "violations": failures,
             }
-            print(f"{name:48} p50 {results[name]['p50_s']} s  max {results[name]['max_s']} s  violations {failures}", flush=True)
+            print(
+                f"{name:48} p50 {results[name]['p50_s']} s  max {results[name]['max_s']} s  violations {failures}",
+                flush=True,
+            )
     print(f"(lease_s = {LEASE_S}: a takeover starts at most lease_s + lease_s/3 after the last renewal)")
     print("RESULT " + json.dumps(results))
     if any(r["violations"] for r in results.values()):

@@ -27,7 +27,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,58 @@ _ANTHROPIC_CLASSES = {
     "content_block_stop": RawContentBlockStopEvent,
 }
 
-_WORDS = (
-    "the of and to in is that for it as with was on be by at this an are from or have not but which they you one "
-    "river stream water flows gently under bridges through valleys toward distant seas carrying stories of "
-    "mountains rain snow and time itself quietly"
-).split()
+_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "with",
+    "was",
+    "on",
+    "be",
+    "by",
+    "at",
+    "this",
+    "an",
+    "are",
+    "from",
+    "or",
+    "have",
+    "not",
+    "but",
+    "which",
+    "they",
+    "you",
+    "one",
+    "river",
+    "stream",
+    "water",
+    "flows",
+    "gently",
+    "under",
+    "bridges",
+    "through",
+    "valleys",
+    "toward",
+    "distant",
+    "seas",
+    "carrying",
+    "stories",
+    "of",
+    "mountains",
+    "rain",
+    "snow",
+    "and",
+    "time",
+    "itself",
+    "quietly",
+]
 
 
 def _tokens(n: int, seed: int = 7) -> list[str]:
@@ -105,15 +152,47 @@ def openai_events(n: int) -> tuple[list[bytes], str]:
     def ev(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return b"data: " + orjson.dumps({**base, "choices": choices, **extra}) + b"\n\n"
 
-    out = [ev([{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}, "logprobs": None, "finish_reason": None}], usage=None, obfuscation="Xy3k")]
+    out = [
+        ev(
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": "", "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+            usage=None,
+            obfuscation="Xy3k",
+        )
+    ]
     for i, t in enumerate(toks):
-        out.append(ev([{"index": 0, "delta": {"content": t}, "logprobs": None, "finish_reason": None}], usage=None, obfuscation="ab12cd"[: 1 + i % 6]))
+        out.append(
+            ev(
+                [{"index": 0, "delta": {"content": t}, "logprobs": None, "finish_reason": None}],
+                usage=None,
+                obfuscation="ab12cd"[: 1 + i % 6],
+            )
+        )
     out.append(ev([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], usage=None, obfuscation="q9"))
-    out.append(ev([], usage={
-        "prompt_tokens": 42, "completion_tokens": n, "total_tokens": 42 + n,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
-    }, obfuscation="Zk"))
+    out.append(
+        ev(
+            [],
+            usage={
+                "prompt_tokens": 42,
+                "completion_tokens": n,
+                "total_tokens": 42 + n,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {
+                    "reasoning_tokens": 0,
+                    "audio_tokens": 0,
+                    "accepted_prediction_tokens": 0,
+                    "rejected_prediction_tokens": 0,
+                },
+            },
+            obfuscation="Zk",
+        )
+    )
     out.append(b"data: [DONE]\n\n")
     return out, "".join(toks)
 
@@ -126,19 +205,52 @@ def anthropic_events(n: int) -> tuple[list[bytes], str]:
         return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
     out = [
-        ev("message_start", {"type": "message_start", "message": {
-            "id": "msg_01XFDUDYJgAACzvnptvVoYEL", "type": "message", "role": "assistant", "content": [],
-            "model": "claude-sonnet-4-5-20250929", "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 42, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                      "output_tokens": 1, "service_tier": "standard"}}}),
-        ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ev(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [],
+                    "model": "claude-sonnet-4-5-20250929",
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {
+                        "input_tokens": 42,
+                        "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": 0,
+                        "output_tokens": 1,
+                        "service_tier": "standard",
+                    },
+                },
+            },
+        ),
+        ev(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
         ev("ping", {"type": "ping"}),
     ]
     for t in toks:
-        out.append(ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}))
+        out.append(
+            ev(
+                "content_block_delta",
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}},
+            )
+        )
     out.append(ev("content_block_stop", {"type": "content_block_stop", "index": 0}))
-    out.append(ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                    "usage": {"output_tokens": n}}))
+    out.append(
+        ev(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": n},
+            },
+        )
+    )
     out.append(ev("message_stop", {"type": "message_stop"}))
     return out, "".join(toks)
 
@@ -185,6 +297,7 @@ def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
 
 def run_async(coro_fn: Callable[[], Any]) -> Callable[[], Any]:
     """Turn an async benchmark body into a sync one run on a fresh event loop (loop setup not timed)."""
+
     def go() -> Any:
         loop = asyncio.new_event_loop()
         try:
@@ -196,6 +309,7 @@ def run_async(coro_fn: Callable[[], Any]) -> Callable[[], Any]:
             # The SDK stream leaves its inner SSE generator suspended after [DONE]; finalise it.
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
     return go
 
 
@@ -233,11 +347,15 @@ def bench_openai(n: int, repeat: int) -> dict[str, Any]:
     process = client._process_response_data
 
     def sdk_stream() -> str:
-        stream = openai.Stream(cast_to=ChatCompletionChunk, response=httpx2.Response(200, content=iter(wire)), client=client)
+        stream = openai.Stream(
+            cast_to=ChatCompletionChunk, response=httpx2.Response(200, content=iter(wire)), client=client
+        )
         return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     async def sdk_astream() -> str:
-        stream = openai.AsyncStream(cast_to=ChatCompletionChunk, response=httpx2.Response(200, content=_aiter(wire)), client=aclient)
+        stream = openai.AsyncStream(
+            cast_to=ChatCompletionChunk, response=httpx2.Response(200, content=_aiter(wire)), client=aclient
+        )
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     def lean() -> str:
@@ -303,7 +421,15 @@ def bench_openai(n: int, repeat: int) -> dict[str, Any]:
 
     rows: dict[str, dict[str, Any]] = {}
 
-    def measure(name: str, fn: Callable[[], Any], baseline: str | None, group: str, check: str | None = None, is_async: bool = False, per: int | None = None) -> None:
+    def measure(
+        name: str,
+        fn: Callable[[], Any],
+        baseline: str | None,
+        group: str,
+        check: str | None = None,
+        is_async: bool = False,
+        per: int | None = None,
+    ) -> None:
         t, result = (best_of_async if is_async else best_of)(fn, repeat)
         if check is not None and result != check:
             raise AssertionError(f"{name}: parsed text differs from what was sent")
@@ -314,10 +440,29 @@ def bench_openai(n: int, repeat: int) -> dict[str, Any]:
     dec = "decode only: SSE framing + JSON"
     measure("lean: SSEDecoder.feed + orjson.loads + chunk_deltas", lean, None, e2e, expected)
     measure("lean, in an async generator like OpenAIProvider.stream", lean_async, None, e2e, expected, is_async=True)
-    measure("sdk: openai.Stream -> ChatCompletionChunk", sdk_stream, "lean: SSEDecoder.feed + orjson.loads + chunk_deltas", e2e, expected)
-    measure("sdk: openai.AsyncStream -> ChatCompletionChunk", sdk_astream, "lean, in an async generator like OpenAIProvider.stream", e2e, expected, is_async=True)
+    measure(
+        "sdk: openai.Stream -> ChatCompletionChunk",
+        sdk_stream,
+        "lean: SSEDecoder.feed + orjson.loads + chunk_deltas",
+        e2e,
+        expected,
+    )
+    measure(
+        "sdk: openai.AsyncStream -> ChatCompletionChunk",
+        sdk_astream,
+        "lean, in an async generator like OpenAIProvider.stream",
+        e2e,
+        expected,
+        is_async=True,
+    )
     measure("lean: chunk_deltas(d)", lean_objects, None, obj, per=len(parsed))
-    measure("sdk: client._process_response_data (construct_type)", sdk_process, "lean: chunk_deltas(d)", obj, per=len(parsed))
+    measure(
+        "sdk: client._process_response_data (construct_type)",
+        sdk_process,
+        "lean: chunk_deltas(d)",
+        obj,
+        per=len(parsed),
+    )
     measure("ChatCompletionChunk.construct(**d)", sdk_construct, "lean: chunk_deltas(d)", obj, per=len(parsed))
     measure("ChatCompletionChunk.model_validate(d)", sdk_validate, "lean: chunk_deltas(d)", obj, per=len(parsed))
     measure("lean: SSEDecoder.feed + orjson.loads", lean_decode_only, None, dec)
@@ -345,11 +490,15 @@ def bench_anthropic(n: int, repeat: int) -> dict[str, Any]:
         return ""
 
     def sdk_stream() -> str:
-        stream = anthropic.Stream(cast_to=RawMessageStreamEvent, response=httpx2.Response(200, content=iter(wire)), client=client)
+        stream = anthropic.Stream(
+            cast_to=RawMessageStreamEvent, response=httpx2.Response(200, content=iter(wire)), client=client
+        )
         return "".join(text_of(ev) for ev in stream)
 
     async def sdk_astream() -> str:
-        stream = anthropic.AsyncStream(cast_to=RawMessageStreamEvent, response=httpx2.Response(200, content=_aiter(wire)), client=aclient)
+        stream = anthropic.AsyncStream(
+            cast_to=RawMessageStreamEvent, response=httpx2.Response(200, content=_aiter(wire)), client=aclient
+        )
         return "".join([text_of(ev) async for ev in stream])
 
     def lean() -> str:
@@ -413,7 +562,15 @@ def bench_anthropic(n: int, repeat: int) -> dict[str, Any]:
 
     rows: dict[str, dict[str, Any]] = {}
 
-    def measure(name: str, fn: Callable[[], Any], baseline: str | None, group: str, check: str | None = None, is_async: bool = False, per: int | None = None) -> None:
+    def measure(
+        name: str,
+        fn: Callable[[], Any],
+        baseline: str | None,
+        group: str,
+        check: str | None = None,
+        is_async: bool = False,
+        per: int | None = None,
+    ) -> None:
         t, result = (best_of_async if is_async else best_of)(fn, repeat)
         if check is not None and result != check:
             raise AssertionError(f"{name}: parsed text differs from what was sent")
@@ -424,12 +581,43 @@ def bench_anthropic(n: int, repeat: int) -> dict[str, Any]:
     dec = "decode only: SSE framing + JSON"
     measure("lean: SSEDecoder.feed + orjson.loads + AnthropicStreamParser.deltas", lean, None, e2e, expected)
     measure("lean, in an async generator like AnthropicProvider.stream", lean_async, None, e2e, expected, is_async=True)
-    measure("sdk: anthropic.Stream -> RawMessageStreamEvent", sdk_stream, "lean: SSEDecoder.feed + orjson.loads + AnthropicStreamParser.deltas", e2e, expected)
-    measure("sdk: anthropic.AsyncStream -> RawMessageStreamEvent", sdk_astream, "lean, in an async generator like AnthropicProvider.stream", e2e, expected, is_async=True)
+    measure(
+        "sdk: anthropic.Stream -> RawMessageStreamEvent",
+        sdk_stream,
+        "lean: SSEDecoder.feed + orjson.loads + AnthropicStreamParser.deltas",
+        e2e,
+        expected,
+    )
+    measure(
+        "sdk: anthropic.AsyncStream -> RawMessageStreamEvent",
+        sdk_astream,
+        "lean, in an async generator like AnthropicProvider.stream",
+        e2e,
+        expected,
+        is_async=True,
+    )
     measure("lean: AnthropicStreamParser.deltas(kind, d)", lean_objects, None, obj, per=len(parsed))
-    measure("sdk: client._process_response_data (construct_type on the union)", sdk_process, "lean: AnthropicStreamParser.deltas(kind, d)", obj, per=len(typed))
-    measure("Raw*Event.construct(**d) (variant picked by type)", sdk_construct, "lean: AnthropicStreamParser.deltas(kind, d)", obj, per=len(typed))
-    measure("Raw*Event.model_validate(d) (variant picked by type)", sdk_validate, "lean: AnthropicStreamParser.deltas(kind, d)", obj, per=len(typed))
+    measure(
+        "sdk: client._process_response_data (construct_type on the union)",
+        sdk_process,
+        "lean: AnthropicStreamParser.deltas(kind, d)",
+        obj,
+        per=len(typed),
+    )
+    measure(
+        "Raw*Event.construct(**d) (variant picked by type)",
+        sdk_construct,
+        "lean: AnthropicStreamParser.deltas(kind, d)",
+        obj,
+        per=len(typed),
+    )
+    measure(
+        "Raw*Event.model_validate(d) (variant picked by type)",
+        sdk_validate,
+        "lean: AnthropicStreamParser.deltas(kind, d)",
+        obj,
+        per=len(typed),
+    )
     measure("lean: SSEDecoder.feed + orjson.loads", lean_decode_only, None, dec)
     measure("sdk: SSEDecoder.iter_bytes + sse.json()", sdk_decode_only, "lean: SSEDecoder.feed + orjson.loads", dec)
     return {"events": count, "bytes": sum(map(len, wire)), "rows": rows}
@@ -466,8 +654,12 @@ def _rounded(value: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", "--events", type=int, default=20000, help="content events per stream (default 20000)")
-    ap.add_argument("--repeat", type=int, default=5, help="runs per measurement, the best is kept; slow ones stop "
-                    f"after {BUDGET_S} s (default 5)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=5,
+        help=f"runs per measurement, the best is kept; slow ones stop after {BUDGET_S} s (default 5)",
+    )
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -480,9 +672,11 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     o = bench_openai(args.events, args.repeat)
     a = bench_anthropic(args.events, args.repeat)
-    print(f"sdk_parse: openai {openai.__version__}, anthropic {anthropic.__version__}, pydantic "
-          f"{__import__('pydantic').VERSION}, orjson {orjson.__version__}; best of up to {args.repeat} runs; "
-          f"source {source_version()}")
+    print(
+        f"sdk_parse: openai {openai.__version__}, anthropic {anthropic.__version__}, pydantic "
+        f"{__import__('pydantic').VERSION}, orjson {orjson.__version__}; best of up to {args.repeat} runs; "
+        f"source {source_version()}"
+    )
     print()
     print(render("OpenAI chat.completion.chunk", o))
     print()
@@ -490,21 +684,44 @@ def main(argv: list[str] | None = None) -> int:
 
     def head(res: dict[str, Any], sdk: str, lean: str) -> dict[str, float]:
         r = res["rows"]
-        return {"sdk_us": r[sdk]["us_per_event"], "lean_us": r[lean]["us_per_event"],
-                "ratio": r[sdk]["us_per_event"] / r[lean]["us_per_event"]}
+        return {
+            "sdk_us": r[sdk]["us_per_event"],
+            "lean_us": r[lean]["us_per_event"],
+            "ratio": r[sdk]["us_per_event"] / r[lean]["us_per_event"],
+        }
 
     summary = {
-        "openai_stream": head(o, "sdk: openai.Stream -> ChatCompletionChunk", "lean: SSEDecoder.feed + orjson.loads + chunk_deltas"),
-        "openai_async_stream": head(o, "sdk: openai.AsyncStream -> ChatCompletionChunk", "lean, in an async generator like OpenAIProvider.stream"),
-        "anthropic_stream": head(a, "sdk: anthropic.Stream -> RawMessageStreamEvent", "lean: SSEDecoder.feed + orjson.loads + AnthropicStreamParser.deltas"),
-        "anthropic_async_stream": head(a, "sdk: anthropic.AsyncStream -> RawMessageStreamEvent", "lean, in an async generator like AnthropicProvider.stream"),
+        "openai_stream": head(
+            o, "sdk: openai.Stream -> ChatCompletionChunk", "lean: SSEDecoder.feed + orjson.loads + chunk_deltas"
+        ),
+        "openai_async_stream": head(
+            o,
+            "sdk: openai.AsyncStream -> ChatCompletionChunk",
+            "lean, in an async generator like OpenAIProvider.stream",
+        ),
+        "anthropic_stream": head(
+            a,
+            "sdk: anthropic.Stream -> RawMessageStreamEvent",
+            "lean: SSEDecoder.feed + orjson.loads + AnthropicStreamParser.deltas",
+        ),
+        "anthropic_async_stream": head(
+            a,
+            "sdk: anthropic.AsyncStream -> RawMessageStreamEvent",
+            "lean, in an async generator like AnthropicProvider.stream",
+        ),
     }
     print()
     for k, v in summary.items():
         print(f"{k:<24} sdk {v['sdk_us']:6.2f} us/event   lean {v['lean_us']:5.2f} us/event   {v['ratio']:.1f}x")
     print(f"(took {time.perf_counter() - t0:.1f} s)")
-    result = {"source": source_version(), "events": args.events, "repeat": args.repeat, "summary": summary,
-              "openai": o["rows"], "anthropic": a["rows"]}
+    result = {
+        "source": source_version(),
+        "events": args.events,
+        "repeat": args.repeat,
+        "summary": summary,
+        "openai": o["rows"],
+        "anthropic": a["rows"],
+    }
     print("RESULT " + json.dumps(_rounded(result), separators=(",", ":")))
     return 0
 

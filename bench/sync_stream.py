@@ -403,7 +403,9 @@ def side_stats(rounds: list[RoundResult]) -> dict[str, Any]:
         "errors": sum(r.failed for r in rounds),
         "short_streams": sum(1 for r in rounds for s in r.samples if not s[4] and s[5].startswith("short")),
         "loadgen_cpu_pct": 100 * sum(r.loadgen_cpu_s for r in rounds) / max(1e-9, sum(r.wall_s for r in rounds)),
-        "machine_busy_pct": 100 * sum(r.machine_busy_frac * r.wall_s for r in rounds) / max(1e-9, sum(r.wall_s for r in rounds)),
+        "machine_busy_pct": 100
+        * sum(r.machine_busy_frac * r.wall_s for r in rounds)
+        / max(1e-9, sum(r.wall_s for r in rounds)),
         "per_round_rps": [len(r.in_window) / r.seconds for r in rounds],
     }
 
@@ -436,8 +438,19 @@ class PySpy:
 
     def start(self) -> None:
         exe = Path(sys.executable).parent / "py-spy"
-        cmd = [str(exe) if exe.exists() else "py-spy", "record", "--format", "raw", "--function",
-               "--rate", str(self.rate), "--output", str(self.out), "--pid", str(self.pid)]
+        cmd = [
+            str(exe) if exe.exists() else "py-spy",
+            "record",
+            "--format",
+            "raw",
+            "--function",
+            "--rate",
+            str(self.rate),
+            "--output",
+            str(self.out),
+            "--pid",
+            str(self.pid),
+        ]
         if self.native:
             cmd.append("--native")  # C frames too: syscalls, the GC, uvloop
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -565,10 +578,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ttft-ms", type=float, default=20.0, help="fake upstream time to first token (default 20)")
     ap.add_argument("--delay-ms", type=float, default=5.0, help="fake upstream delay between tokens (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="unrecorded warm-up seconds per side first (default 1)")
-    ap.add_argument("--startups", type=int, default=3, help="server start-ups to time; the median is reported (default 3)")
+    ap.add_argument(
+        "--startups", type=int, default=3, help="server start-ups to time; the median is reported (default 3)"
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: C=8, 2 s, 1 round, 0.5 s warm-up, 1 start-up")
-    ap.add_argument("--py-spy", metavar="FILE", help="profile the server with py-spy during the Backstream rounds "
-                    "(collapsed stacks to FILE, summary printed; perturbs the numbers a little)")
+    ap.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        help="profile the server with py-spy during the Backstream rounds "
+        "(collapsed stacks to FILE, summary printed; perturbs the numbers a little)",
+    )
     ap.add_argument("--py-spy-rate", type=int, default=100, help="py-spy samples per second (default 100)")
     ap.add_argument("--py-spy-native", action="store_true", help="with --py-spy: sample native (C) frames too")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, server log)")
@@ -613,15 +632,22 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens = max(100, args.tokens + 16)
         messages = [{"role": "user", "content": "hi"}]
         bs_request = build_request(
-            "/v1/messages", server.port,
+            "/v1/messages",
+            server.port,
             {"model": "fake", "max_tokens": max_tokens, "messages": messages, "stream": True},
         )
         # What the gateway itself sends upstream (same spec, max_tokens and usage chunk),
         # so the fake does identical work on both sides.
         direct_request = build_request(
-            "/v1/chat/completions", fake.port,
-            {"model": spec, "messages": messages, "max_tokens": max_tokens, "stream": True,
-             "stream_options": {"include_usage": True}},
+            "/v1/chat/completions",
+            fake.port,
+            {
+                "model": spec,
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
         )
         target = {BACKSTREAM: (server.port, bs_request), DIRECT: (fake.port, direct_request)}
         watch = {"server": server.pid, "fake": fake.pid}
@@ -629,7 +655,11 @@ def main(argv: list[str] | None = None) -> int:
         ideal_s = (args.ttft_ms + max(0, args.tokens - 1) * args.delay_ms) / 1000
         stagger = max(0.05, ideal_s)
 
-        spy = PySpy(server.pid, Path(args.py_spy).resolve(), args.py_spy_rate, args.py_spy_native) if args.py_spy else None
+        spy = (
+            PySpy(server.pid, Path(args.py_spy).resolve(), args.py_spy_rate, args.py_spy_native)
+            if args.py_spy
+            else None
+        )
         results: list[RoundResult] = []
 
         async def run_all() -> None:
@@ -687,25 +717,75 @@ def main(argv: list[str] | None = None) -> int:
     startup = median(startups)
 
     print()
-    print(table(
-        ["side", "req/s", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "TTFT max ms", "latency p50 ms",
-         "latency p99 ms", "ok", "errors", "loadgen cpu %", "machine busy %"],
-        [
-            [name, s["requests_per_s"], s["tokens_per_s"], s["ttft_p50_ms"], s["ttft_p99_ms"], s["ttft_max_ms"],
-             s["latency_p50_ms"], s["latency_p99_ms"], s["requests_completed"], s["errors"],
-             s["loadgen_cpu_pct"], s["machine_busy_pct"]]
-            for name, s in ((f"A {BACKSTREAM}", sa), (f"B {DIRECT}", sb))
-        ],
-    ))
+    print(
+        table(
+            [
+                "side",
+                "req/s",
+                "tok/s",
+                "TTFT p50 ms",
+                "TTFT p99 ms",
+                "TTFT max ms",
+                "latency p50 ms",
+                "latency p99 ms",
+                "ok",
+                "errors",
+                "loadgen cpu %",
+                "machine busy %",
+            ],
+            [
+                [
+                    name,
+                    s["requests_per_s"],
+                    s["tokens_per_s"],
+                    s["ttft_p50_ms"],
+                    s["ttft_p99_ms"],
+                    s["ttft_max_ms"],
+                    s["latency_p50_ms"],
+                    s["latency_p99_ms"],
+                    s["requests_completed"],
+                    s["errors"],
+                    s["loadgen_cpu_pct"],
+                    s["machine_busy_pct"],
+                ]
+                for name, s in ((f"A {BACKSTREAM}", sa), (f"B {DIRECT}", sb))
+            ],
+        )
+    )
     print()
     rows = [
-        ["throughput ratio backstream/direct", fmt(ratio, 3), goal_text("throughput_ratio"), goal_met("throughput_ratio", ratio)],
-        ["TTFT p99 overhead (A p99 - B p99), ms", fmt(overhead), goal_text("ttft_p99_overhead_ms"), goal_met("ttft_p99_overhead_ms", overhead)],
-        ["Backstream CPU per request, ms", fmt(cpu_bs), goal_text("cpu_ms_per_request"), goal_met("cpu_ms_per_request", cpu_bs)],
-        ["Backstream RSS idle after start-up, MB", fmt(idle_rss, 1), goal_text("idle_rss_mb"), goal_met("idle_rss_mb", idle_rss)],
+        [
+            "throughput ratio backstream/direct",
+            fmt(ratio, 3),
+            goal_text("throughput_ratio"),
+            goal_met("throughput_ratio", ratio),
+        ],
+        [
+            "TTFT p99 overhead (A p99 - B p99), ms",
+            fmt(overhead),
+            goal_text("ttft_p99_overhead_ms"),
+            goal_met("ttft_p99_overhead_ms", overhead),
+        ],
+        [
+            "Backstream CPU per request, ms",
+            fmt(cpu_bs),
+            goal_text("cpu_ms_per_request"),
+            goal_met("cpu_ms_per_request", cpu_bs),
+        ],
+        [
+            "Backstream RSS idle after start-up, MB",
+            fmt(idle_rss, 1),
+            goal_text("idle_rss_mb"),
+            goal_met("idle_rss_mb", idle_rss),
+        ],
         ["Backstream RSS peak during run, MB", fmt(peak_rss, 1), "", ""],
         ["Backstream RSS idle after run, MB", fmt(rss_after, 1), "", ""],
-        ["Backstream start-up to /healthz 200, s (median)", fmt(startup, 3), goal_text("startup_s"), goal_met("startup_s", startup)],
+        [
+            "Backstream start-up to /healthz 200, s (median)",
+            fmt(startup, 3),
+            goal_text("startup_s"),
+            goal_met("startup_s", startup),
+        ],
         ["  start-up samples, s", " ".join(fmt(x, 3) for x in startups), "", ""],
         ["fake upstream CPU per request, direct rounds, ms", fmt(cpu_fake_direct), "(reference)", ""],
         ["fake upstream CPU per request, Backstream rounds, ms", fmt(cpu_fake_bs), "(reference)", ""],

@@ -23,12 +23,12 @@ sys.path.insert(0, str(ROOT / "src"))
 import orjson  # noqa: E402
 import uvloop  # noqa: E402
 
+from backstream.api_models import ChatRequest  # noqa: E402
 from backstream.config import load_settings  # noqa: E402
 from backstream.engine import Run  # noqa: E402
 from backstream.model_table import ModelTable  # noqa: E402
 from backstream.providers import openai as openai_provider  # noqa: E402
 from backstream.providers.base import SSEDecoder  # noqa: E402
-from backstream.api_models import ChatRequest  # noqa: E402
 
 
 def engine_path(url: str, spec: str, lean: bool):
@@ -36,13 +36,27 @@ def engine_path(url: str, spec: str, lean: bool):
     if not lean:
         openai_provider.sdk_http_client = lambda timeout: None  # the SDK's default httpx2 client
     try:
-        settings = load_settings(environ={}, models=[{"name": "fake", "provider": "openai", "base_url": url + "/v1", "model": spec, "max_concurrency": 10_000, "retries": 0}])
+        settings = load_settings(
+            environ={},
+            models=[
+                {
+                    "name": "fake",
+                    "provider": "openai",
+                    "base_url": url + "/v1",
+                    "model": spec,
+                    "max_concurrency": 10_000,
+                    "retries": 0,
+                }
+            ],
+        )
         models = ModelTable(settings)
         config = models.resolve("fake")
         models.provider(config)  # built now, with the chosen transport
     finally:
         openai_provider.sdk_http_client = original
-    chat = ChatRequest.model_validate({"model": "fake", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]})
+    chat = ChatRequest.model_validate(
+        {"model": "fake", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]}
+    )
 
     async def one() -> int:
         n = 0
@@ -56,8 +70,13 @@ def engine_path(url: str, spec: str, lean: bool):
 
 def raw_path(url: str, spec: str):
     host, port = url.removeprefix("http://").split(":")
-    body = orjson.dumps({"model": spec, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 1000})
-    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    body = orjson.dumps(
+        {"model": spec, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 1000}
+    )
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        % len(body)
+    )
 
     async def one() -> int:
         reader, writer = await asyncio.open_connection(host, int(port))
@@ -88,7 +107,9 @@ async def measure(fn, total: int, concurrency: int) -> tuple[float, int]:
 
 
 async def main(args: argparse.Namespace) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.support.fake_upstream", "--port", "0"], stdout=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.fake_upstream", "--port", "0"], stdout=subprocess.PIPE, cwd=ROOT
+    )
     try:
         url = proc.stdout.readline().decode().split()[1]  # type: ignore[union-attr]
         spec = f"tokens={args.tokens};ttft_ms=0;delay_ms=2"
@@ -102,12 +123,19 @@ async def main(args: argparse.Namespace) -> None:
             ms, items = await measure(fn, args.requests, args.concurrency)
             rows.append((name, ms, items))
         base = rows[0][1]
-        print(f"{args.requests} streams of {args.tokens} tokens, {args.concurrency} at a time; CPU of this process only")
+        print(
+            f"{args.requests} streams of {args.tokens} tokens, {args.concurrency} at a time; CPU of this process only"
+        )
         for name, ms, items in rows:
             print(f"  {name:42s} {ms:6.2f} ms/stream  {ms / base:5.2f}x floor  ({items} items per stream)")
         default, lean = rows[1][1], rows[2][1]
         print(f"lean transport / default transport: {lean / default:.2f}")
-        print("RESULT " + orjson.dumps({name: round(ms, 3) for name, ms, _ in rows} | {"lean_over_default": round(lean / default, 3)}).decode())
+        print(
+            "RESULT "
+            + orjson.dumps(
+                {name: round(ms, 3) for name, ms, _ in rows} | {"lean_over_default": round(lean / default, 3)}
+            ).decode()
+        )
     finally:
         proc.terminate()
 

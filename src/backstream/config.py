@@ -75,7 +75,9 @@ class LimitsSettings(Quota):
     max_tools: int = Field(256, ge=0)
     max_text_chars: int = Field(2_000_000, ge=1)
     max_schema_bytes: int = Field(64 * 1024, ge=256)  # one tool's input_schema or an output schema, as JSON
-    max_json_depth: int = Field(64, ge=8, le=128)  # request body nesting, refused before anything recurses; more would exhaust the stack
+    max_json_depth: int = Field(
+        64, ge=8, le=128
+    )  # request body nesting, refused before anything recurses; more would exhaust the stack
     rate_window_s: int = Field(60, ge=1, le=3600)  # requests_per_minute counts per window of this length
     # requests_per_minute / max_active_runs / max_queued_runs above apply per key (or token subject);
     # these apply per tenant:
@@ -87,10 +89,14 @@ class HttpSettings(_Section):
     """The HTTP server's limits on what clients send (see http/connection_guards.py)."""
 
     max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line + headers; beyond: 431 and close
-    head_timeout_s: float = Field(10.0, gt=0)  # the whole request head, from connect (or its first byte on a kept-alive connection); then 408
+    head_timeout_s: float = Field(
+        10.0, gt=0
+    )  # the whole request head, from connect (or its first byte on a kept-alive connection); then 408
     body_read_timeout_s: float = Field(30.0, gt=0)  # longest wait for the next piece of a request body; then 408
     keepalive_timeout_s: float = Field(5.0, gt=0)  # an idle kept-alive connection is closed after this
-    max_connections: int = Field(0, ge=0)  # open connections (SSE watchers included); beyond: 503 and close; 0: half the open-file limit
+    max_connections: int = Field(
+        0, ge=0
+    )  # open connections (SSE watchers included); beyond: 503 and close; 0: half the open-file limit
 
 
 class CorsSettings(_Section):
@@ -165,7 +171,9 @@ class JwtConfig(_Section):
         bad = set(self.algorithms) - JWT_ALGORITHMS
         if bad or not self.algorithms:
             # 'none' and the HMAC family are never accepted: a public key must not double as an HMAC secret.
-            raise ValueError(f"auth.jwt.algorithms must be asymmetric ({', '.join(sorted(JWT_ALGORITHMS))}); refused: {', '.join(sorted(bad)) or 'empty list'}")
+            raise ValueError(
+                f"auth.jwt.algorithms must be asymmetric ({', '.join(sorted(JWT_ALGORITHMS))}); refused: {', '.join(sorted(bad)) or 'empty list'}"
+            )
         return self
 
 
@@ -300,7 +308,7 @@ def _env_overrides(environ: dict[str, str]) -> list[tuple[tuple[str, ...], Any]]
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key in _NOT_SETTINGS:
             continue
-        path = _SHORT_ENV.get(key) or tuple(p.lower() for p in key[len(ENV_PREFIX):].split("__"))
+        path = _SHORT_ENV.get(key) or tuple(p.lower() for p in key[len(ENV_PREFIX) :].split("__"))
         if not all(path):
             continue
         try:
@@ -341,8 +349,5 @@ def load_settings(
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from exc
-

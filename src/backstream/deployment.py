@@ -90,7 +90,9 @@ def _redis(settings: Settings, models: ModelTable) -> Deployment:
     return _assemble(settings, store, quotas, executor, RedisDispatcher(settings, store, keys, executor))
 
 
-def _assemble(settings: Settings, store: StreamStore, quotas: Quotas, executor: RunExecutor, dispatcher: Dispatcher) -> Deployment:
+def _assemble(
+    settings: Settings, store: StreamStore, quotas: Quotas, executor: RunExecutor, dispatcher: Dispatcher
+) -> Deployment:
     executor.queue = dispatcher
     runs = BackgroundRuns(settings, store, quotas, executor, dispatcher)
     return Deployment(store, quotas, executor, dispatcher, runs, settings.runs.retention_s)

@@ -31,7 +31,15 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Not global, whatever this Python's `is_global` says (its tables differ between releases).
 _NOT_GLOBAL_V4 = [
     ipaddress.ip_network(n)
-    for n in ("0.0.0.0/8", "100.64.0.0/10", "192.0.0.0/24", "192.88.99.0/24", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4")
+    for n in (
+        "0.0.0.0/8",
+        "100.64.0.0/10",
+        "192.0.0.0/24",
+        "192.88.99.0/24",
+        "198.18.0.0/15",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+    )
 ]
 _NOT_GLOBAL_V6 = [ipaddress.ip_network(n) for n in ("64:ff9b:1::/48", "fec0::/10", "2001:db8::/32", "100::/64")]
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -107,7 +115,9 @@ async def resolve_allowed(host: str, port: int, egress: EgressSettings) -> list[
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
             if not is_globally_routable(ip):
-                raise EgressDenied(f"{host!r} resolves to {ip}, not a globally routable address (set egress.allow_private or allow-list the host)")
+                raise EgressDenied(
+                    f"{host!r} resolves to {ip}, not a globally routable address (set egress.allow_private or allow-list the host)"
+                )
     return addresses
 
 
@@ -131,19 +141,28 @@ class PinnedBackend(httpcore2.AsyncNetworkBackend):
         self.inner = inner or httpcore2.AnyIOBackend()
 
     async def connect_tcp(
-        self, host: str, port: int, timeout: float | None = None, local_address: str | None = None, socket_options: Any = None
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
     ) -> httpcore2.AsyncNetworkStream:
         addresses = await resolve_allowed(host, port, self.egress)
         failure: Exception | None = None
         for address in addresses:
             try:
-                return await self.inner.connect_tcp(address, port, timeout=timeout, local_address=local_address, socket_options=socket_options)
+                return await self.inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
             except (httpcore2.ConnectError, httpcore2.ConnectTimeout) as exc:
                 failure = exc
         assert failure is not None
         raise failure
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> httpcore2.AsyncNetworkStream:
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> httpcore2.AsyncNetworkStream:
         raise EgressDenied("unix sockets are not reachable through egress")
 
     async def sleep(self, seconds: float) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,7 +39,9 @@ class RunOptions:
     """Server settings a run needs: where tools may connect, how many steps, tool timeout."""
 
     egress: EgressSettings = field(default_factory=EgressSettings)
-    configured_mcp: dict[str, McpServerConfig] = field(default_factory=dict)  # by name: trusted, token looked up at run time
+    configured_mcp: dict[str, McpServerConfig] = field(
+        default_factory=dict
+    )  # by name: trusted, token looked up at run time
     max_steps: int = 10
     tool_timeout_s: float = 30.0
     tool_setup_timeout_s: float = 15.0
@@ -58,7 +60,14 @@ class RunOptions:
 class Run:
     """One chat run. Iterate `events()` once; it always ends with `stream_end` unless cancelled."""
 
-    def __init__(self, message_id: str, request: ChatRequest, models: ModelTable, config: ModelConfig, options: RunOptions | None = None) -> None:
+    def __init__(
+        self,
+        message_id: str,
+        request: ChatRequest,
+        models: ModelTable,
+        config: ModelConfig,
+        options: RunOptions | None = None,
+    ) -> None:
         self.options = options or RunOptions()
         self.message_id = message_id
         self.request = request
@@ -72,7 +81,9 @@ class Run:
         self.warnings: list[str] = []
         self.finish_reason: str | None = None
         self.error: dict[str, str] | None = None
-        self.on_tool_setup: Callable[[bool], None] | None = None  # told when MCP setup begins and ends (the executor's queue count)
+        self.on_tool_setup: Callable[[bool], None] | None = (
+            None  # told when MCP setup begins and ends (the executor's queue count)
+        )
 
     def _event(self, type: str, **fields: Any) -> Event:
         self.seq += 1
@@ -85,7 +96,9 @@ class Run:
             metadata["correlation_id"] = self.request.correlation_id
         if self.request.metadata:
             metadata["metadata"] = self.request.metadata
-        return self._event("stream_start", model=self.served_by.name, provider=self.served_by.provider, metadata=metadata)
+        return self._event(
+            "stream_start", model=self.served_by.name, provider=self.served_by.provider, metadata=metadata
+        )
 
     def end_event(self, finish_reason: str, error: dict[str, str] | None = None) -> Event:
         """The final event. Sinks call it themselves for cancellation."""
@@ -97,7 +110,7 @@ class Run:
             fields["error"] = error
         return self._event("stream_end", **fields)
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         try:
             async for event in self._steps():
                 yield event
@@ -109,9 +122,11 @@ class Run:
             log.exception("run %s failed", self.message_id)
             if not self.started:
                 yield self.start_event()
-            yield self.end_event(FinishReason.ERROR, {"type": "api_error", "message": "internal error while running the request"})
+            yield self.end_event(
+                FinishReason.ERROR, {"type": "api_error", "message": "internal error while running the request"}
+            )
 
-    async def _steps(self) -> AsyncIterator[Event]:
+    async def _steps(self) -> AsyncGenerator[Event, None]:
         request = self.request
         toolbox = await self._open_toolbox() if request.mcp_servers else None
         if toolbox is not None:
@@ -128,7 +143,12 @@ class Run:
                         yield event
                 result = assembler.result()
                 calls = result.tool_calls()
-                if result.finish_reason != FinishReason.TOOL_USE or toolbox is None or not calls or not all(toolbox.owns(c.name) for c in calls):
+                if (
+                    result.finish_reason != FinishReason.TOOL_USE
+                    or toolbox is None
+                    or not calls
+                    or not all(toolbox.owns(c.name) for c in calls)
+                ):
                     break
                 if step >= self.options.max_steps:
                     message = f"the model was still calling tools after {step} steps (runs.max_steps)"
@@ -137,7 +157,11 @@ class Run:
                 results: list[ToolResultBlock] = []
                 async for event in self._call_tools(toolbox, calls, results):
                     yield event
-                messages = [*request.messages, Message(role="assistant", content=list(result.blocks)), Message(role="user", content=results)]
+                messages = [
+                    *request.messages,
+                    Message(role="assistant", content=list(result.blocks)),
+                    Message(role="user", content=results),
+                ]
                 # Later steps may always answer in text: a forced tool_choice would loop forever.
                 request = request.model_copy(update={"messages": messages, "tool_choice": None})
         finally:
@@ -163,7 +187,9 @@ class Run:
                 self.on_tool_setup(False)
         return toolbox
 
-    async def _call_tools(self, toolbox: ToolBox, calls: list[ToolUseBlock], results: list[ToolResultBlock]) -> AsyncIterator[Event]:
+    async def _call_tools(
+        self, toolbox: ToolBox, calls: list[ToolUseBlock], results: list[ToolResultBlock]
+    ) -> AsyncIterator[Event]:
         """Run the step's tool calls in order (so tool_result events follow the calls), collecting their results."""
         for call in calls:
             content, is_error = await toolbox.call(call.name, call.input)
@@ -179,7 +205,10 @@ class Run:
             value = orjson.loads(result.text())
         except orjson.JSONDecodeError:
             why = "was cut off" if result.finish_reason == FinishReason.LENGTH else "is not valid JSON"
-            return {"type": "invalid_output", "message": f"the model's output {why}; it must be JSON matching output_config.format.schema"}
+            return {
+                "type": "invalid_output",
+                "message": f"the model's output {why}; it must be JSON matching output_config.format.schema",
+            }
         from .json_schemas import output_problem  # RE2 patterns, no fetching, no format work
 
         problem = output_problem(fmt.schema_, value)
@@ -188,7 +217,9 @@ class Run:
         return None
 
     @asynccontextmanager
-    async def _model_call(self, request: ChatRequest) -> AsyncIterator[tuple[AsyncIterator[Delta], Delta | None]]:
+    async def _model_call(
+        self, request: ChatRequest
+    ) -> AsyncIterator[tuple[AsyncGenerator[Delta, None], Delta | None]]:
         """An upstream call that has answered, with its model's slot held until the block ends.
 
         Retries and falls back only until the first delta arrives; leaving the block closes
@@ -212,7 +243,7 @@ class Run:
 
     async def _first_delta(
         self, config: ModelConfig, request: ChatRequest, last: UpstreamError | None
-    ) -> tuple[AsyncIterator[Delta], Delta | None] | UpstreamError:
+    ) -> tuple[AsyncGenerator[Delta, None], Delta | None] | UpstreamError:
         """Call one model, with its retries; the stream and its first delta, or the last retryable error."""
         provider = self.models.provider(config)
         for attempt in range(config.retries + 1):
@@ -236,17 +267,21 @@ class Run:
             if not self.started:
                 self.warnings = warnings
             if config is not self.config:
-                warnings.append(f"model {self.config.name} failed ({last.message if last else 'error'}); answered by fallback {config.name}")
+                warnings.append(
+                    f"model {self.config.name} failed ({last.message if last else 'error'}); answered by fallback {config.name}"
+                )
             return deltas, first
         assert last is not None
         return last
 
-    async def _step(self, step: int, deltas: AsyncIterator[Delta], first: Delta | None, assembler: StepAssembler) -> AsyncIterator[Event]:
+    async def _step(
+        self, step: int, deltas: AsyncIterator[Delta], first: Delta | None, assembler: StepAssembler
+    ) -> AsyncIterator[Event]:
         """One model call's events: step_start, its blocks, step_finish. The outcome is `assembler.result()`."""
         yield self._event("step_start", step=step)
         stops = StopMatcher(self.request.stop_sequences) if self.request.stop_sequences else None
         pending = first
-        next_delta = deltas.__anext__
+        next_delta, apply = deltas.__anext__, assembler.apply
         while True:
             if pending is not None:
                 d, pending = pending, None
@@ -255,8 +290,7 @@ class Run:
                     d = await next_delta()
                 except StopAsyncIteration:
                     break
-            kind = d[0]
-            if kind == "text" and stops is not None:
+            if stops is not None and d[0] == "text":
                 text, stopped = stops.feed(d[1])
                 if stopped:
                     assembler.finish = FinishReason.STOP_SEQUENCE
@@ -264,17 +298,9 @@ class Run:
                     yield ev
                 if stopped:
                     break  # leaving the loop closes the upstream request
-            elif kind == "text" or kind == "thinking":
-                for ev in assembler.content(kind, d[1]):
-                    yield ev
-            elif kind == "tool_delta":
-                for ev in assembler.tool_delta(d[1], d[2]):
-                    yield ev
-            elif kind == "tool_start":
-                for ev in assembler.tool_start(d[1], d[2], d[3]):
-                    yield ev
-            else:
-                assembler.note(d)
+                continue
+            for ev in apply(d):
+                yield ev
         if stops is not None and assembler.finish != FinishReason.STOP_SEQUENCE:
             held = stops.flush()  # text held back in case it began a stop sequence
             for ev in assembler.content("text", held) if held else ():

@@ -7,6 +7,7 @@ headers and the shared error shape. `type` is the error type the contract names
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -88,7 +89,9 @@ class Unavailable(GatewayError):
 
     type = "overloaded_error"
 
-    def __init__(self, message: str, details: list[dict[str, Any]] | None = None, retry_after_s: int | None = None) -> None:
+    def __init__(
+        self, message: str, details: list[dict[str, Any]] | None = None, retry_after_s: int | None = None
+    ) -> None:
         super().__init__(message, details)
         self.retry_after_s = retry_after_s
 
@@ -101,7 +104,7 @@ class RunFailed(GatewayError):
         self.type = type
 
 
-def pydantic_details(errors: list[dict[str, Any]], prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+def pydantic_details(errors: Sequence[Mapping[str, Any]], prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
     """Turn pydantic's error list into `{field, message, type}` details with dotted field paths."""
     out = []
     for e in errors:
@@ -114,7 +117,7 @@ def pydantic_details(errors: list[dict[str, Any]], prefix: tuple[Any, ...] = ())
         parts = [str(p) for p in loc if not (isinstance(p, str) and _is_union_member(p))]
         msg = e.get("msg", "invalid value")
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         out.append({"field": ".".join(parts) or "body", "message": msg, "type": e.get("type", "value_error")})
     return out
 

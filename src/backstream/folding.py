@@ -34,7 +34,14 @@ class MessageFolder:
         elif t == "tool_call_complete":
             self.content.append({"type": "tool_use", "id": f["tool_call_id"], "name": f["name"], "input": f["input"]})
         elif t == "tool_result":
-            self.content.append({"type": "tool_result", "tool_use_id": f["tool_call_id"], "content": f["content"], "is_error": f["is_error"]})
+            self.content.append(
+                {
+                    "type": "tool_result",
+                    "tool_use_id": f["tool_call_id"],
+                    "content": f["content"],
+                    "is_error": f["is_error"],
+                }
+            )
         elif t == "stream_start":
             self.model, self.provider = f["model"], f["provider"]
             self.warnings = (f.get("metadata") or {}).get("warnings") or []

@@ -93,7 +93,7 @@ def _route_jsonschema_regexes_to_re2() -> None:
     for module in (jsonschema._keywords, jsonschema._utils, jsonschema._legacy_keywords):
         if getattr(module, "re", None) not in (re, _Re2Search):
             raise RuntimeError(f"{module.__name__} no longer matches with `re`; review json_schemas.py")
-        module.re = _Re2Search  # type: ignore[attr-defined]
+        module.re = _Re2Search
 
 
 _route_jsonschema_regexes_to_re2()
@@ -111,7 +111,7 @@ def _walk_schema(schema: Any) -> Iterator[tuple[str, str, Any]]:
         for key, value in items:
             child = f"{path}.{key}" if path else str(key)
             if isinstance(node, dict):
-                yield child, key, value
+                yield child, str(key), value
                 if key in DATA_KEYWORDS:
                     continue
             if isinstance(value, (dict, list)):
@@ -159,8 +159,12 @@ def _dangling_refs(schema: dict[str, Any]) -> Iterator[tuple[str, str]]:
 
 
 def _metaschema_problem(schema: dict[str, Any]) -> SchemaRejected | None:
-    if "$schema" in schema and (not isinstance(schema["$schema"], str) or jsonschema.validators.validator_for(schema, default=None) is None):
-        return SchemaRejected("$schema", f"unknown $schema {schema['$schema']!r}; leave it out or name a JSON Schema draft")
+    if "$schema" in schema and (
+        not isinstance(schema["$schema"], str) or jsonschema.validators.validator_for(schema, default=None) is None
+    ):
+        return SchemaRejected(
+            "$schema", f"unknown $schema {schema['$schema']!r}; leave it out or name a JSON Schema draft"
+        )
     cls = jsonschema.validators.validator_for(schema)
     # Patterns were already checked with RE2 (the engine that will run them), so the
     # metaschema's `format: regex` (Python's re) is left out.
@@ -211,12 +215,13 @@ def json_too_deep(raw: bytes, limit: int) -> bool:
     running sum of +1/-1. A walk over the parsed value in Python costs several times more.
     """
     brackets = _outside_strings(raw).translate(_SQUARE, _NOT_BRACKET)
-    for level in range(min(limit, 4)):
+    passes = min(limit, 4)
+    for _ in range(passes):
         if not brackets:
             return False
         brackets = brackets.replace(b"[]", b"")
     signed = memoryview(brackets.translate(_STEPS)).cast("b")
-    return max(itertools.accumulate(signed), default=0) > limit - level - 1
+    return max(itertools.accumulate(signed), default=0) > limit - passes
 
 
 def _outside_strings(raw: bytes) -> bytes:
@@ -240,7 +245,9 @@ def check_json_depth(value: Any, limit: int, raw: bytes | None = None) -> None:
     while stack:
         node, depth, link = stack.pop()
         if depth > limit:
-            raise Invalid(f"JSON nested more than {limit} levels deep (limits.max_json_depth)", _cut(_spell(link) or "body"))
+            raise Invalid(
+                f"JSON nested more than {limit} levels deep (limits.max_json_depth)", _cut(_spell(link) or "body")
+            )
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         for key, child in items:
             if isinstance(child, (dict, list)):
@@ -259,7 +266,7 @@ def _spell(link: tuple[Any, Any] | None) -> str:
 
 
 def _refuse_retrieval(uri: str) -> referencing.Resource[Any]:
-    raise referencing.exceptions.NoSuchResource(ref=uri)
+    raise referencing.exceptions.NoSuchResource(ref=uri)  # type: ignore[call-arg]  # attrs class: ref is its field
 
 
 # Only the schema itself (and the bundled metaschemas) can be referenced: nothing is fetched.

@@ -16,7 +16,9 @@ LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # C0 controls, DEL, C1 controls, and the Unicode line/paragraph separators some viewers break on.
 _CONTROL_CODES = [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029]
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_ESCAPES = {code: _SHORT.get(chr(code)) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}") for code in _CONTROL_CODES}
+_ESCAPES = {
+    code: _SHORT.get(chr(code)) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}") for code in _CONTROL_CODES
+}
 
 TRACE_INDENT = "    | "
 

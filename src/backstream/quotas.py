@@ -30,7 +30,9 @@ def _too_many(message: str, retry_after: int) -> RateLimited:
 class Quotas:
     """Counts requests and runs per API key and tenant against their limits; in Redis when replicas share them."""
 
-    def __init__(self, limits: LimitsSettings, key_quotas: dict[str, Quota], redis: Any = None, keys: RedisKeys | None = None) -> None:
+    def __init__(
+        self, limits: LimitsSettings, key_quotas: dict[str, Quota], redis: Any = None, keys: RedisKeys | None = None
+    ) -> None:
         self.limits = limits
         self.key_quotas = key_quotas  # principal name -> its own limits (API keys that set them)
         self.redis = redis
@@ -43,7 +45,9 @@ class Quotas:
     def scopes(self, principal_name: str, tenant: str) -> list[tuple[str, Quota]]:
         out = []
         key_quota = self.key_quotas.get(principal_name) or self.limits
-        if principal_name != "anonymous" and (key_quota.requests_per_minute or key_quota.max_active_runs or key_quota.max_queued_runs):
+        if principal_name != "anonymous" and (
+            key_quota.requests_per_minute or key_quota.max_active_runs or key_quota.max_queued_runs
+        ):
             out.append((f"key:{principal_name}", key_quota))
         tenant_quota = self.limits.tenants.get(tenant, self.limits.tenant_default)
         if tenant_quota.requests_per_minute or tenant_quota.max_active_runs or tenant_quota.max_queued_runs:
@@ -61,7 +65,9 @@ class Quotas:
                 continue
             count = await self._count_request(scope, minute)
             if count > quota.requests_per_minute:
-                raise _too_many(f"rate limit of {quota.requests_per_minute} requests per minute reached for {scope}", retry_after)
+                raise _too_many(
+                    f"rate limit of {quota.requests_per_minute} requests per minute reached for {scope}", retry_after
+                )
 
     async def _count_request(self, scope: str, minute: int) -> int:
         if self.redis is not None:

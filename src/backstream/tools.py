@@ -19,9 +19,9 @@ from urllib.parse import urljoin, urlsplit
 import httpx2
 import orjson
 
+from .api_models import McpServer, Tool
 from .config import EgressSettings, McpServerConfig
 from .egress import PinnedTransport, check_url_shape
-from .api_models import McpServer, Tool
 
 log = logging.getLogger("backstream.tools")
 CONTEXT_ARG = "tool_context"  # a tool whose input schema has this property receives the request's tool_context
@@ -45,7 +45,9 @@ def _result_text(result: Any) -> tuple[str, bool]:
     parts = []
     for item in getattr(result, "content", None) or ():
         text = getattr(item, "text", None)
-        parts.append(text if text is not None else orjson.dumps(item.model_dump(mode="json", exclude_none=True)).decode())
+        parts.append(
+            text if text is not None else orjson.dumps(item.model_dump(mode="json", exclude_none=True)).decode()
+        )
     if not parts and getattr(result, "structured_content", None) is not None:
         parts.append(orjson.dumps(result.structured_content).decode())
     return "".join(parts), bool(getattr(result, "is_error", False))
@@ -81,7 +83,7 @@ class ToolBox:
         self._worker = asyncio.create_task(self._serve(), name="mcp-tools")
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), self.setup_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.aclose()
             if self._ready.done() and not self._ready.cancelled():
                 self._ready.exception()  # a failure that raced the deadline: the deadline is the answer
@@ -170,7 +172,9 @@ class ToolBox:
             check_url_shape(str(request.url), egress)
 
         hooks["request"].append(check)
-        return httpx2.AsyncClient(headers=headers, timeout=timeout, auth=auth, event_hooks=hooks, transport=PinnedTransport(egress))
+        return httpx2.AsyncClient(
+            headers=headers, timeout=timeout, auth=auth, event_hooks=hooks, transport=PinnedTransport(egress)
+        )
 
     async def _connect(self, stack: contextlib.AsyncExitStack, server: McpServer) -> Any:
         from mcp import ClientSession
@@ -181,14 +185,23 @@ class ToolBox:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             if url.rstrip("/").endswith("/sse"):
-                def factory(headers: dict[str, Any] | None = None, timeout: Any = None, auth: Any = None) -> httpx2.AsyncClient:
+
+                def factory(
+                    headers: dict[str, Any] | None = None, timeout: Any = None, auth: Any = None
+                ) -> httpx2.AsyncClient:
                     return self._client(url, headers or {}, timeout, auth, trusted)
 
-                streams = await stack.enter_async_context(sse_client(url, headers=headers, timeout=self.timeout_s, httpx_client_factory=factory))
+                streams = await stack.enter_async_context(
+                    sse_client(url, headers=headers, timeout=self.timeout_s, httpx_client_factory=factory)
+                )
             else:
-                client = await stack.enter_async_context(self._client(url, headers, httpx2.Timeout(self.timeout_s, read=300), None, trusted))
+                client = await stack.enter_async_context(
+                    self._client(url, headers, httpx2.Timeout(self.timeout_s, read=300), None, trusted)
+                )
                 streams = await stack.enter_async_context(streamable_http_client(url, http_client=client))
-            session = await stack.enter_async_context(ClientSession(streams[0], streams[1], read_timeout_seconds=self.timeout_s))
+            session = await stack.enter_async_context(
+                ClientSession(streams[0], streams[1], read_timeout_seconds=self.timeout_s)
+            )
             await asyncio.wait_for(session.initialize(), self.timeout_s)
             listed = await asyncio.wait_for(session.list_tools(), self.timeout_s)
         except BaseException as exc:  # anyio wraps transport failures in exception groups
@@ -204,7 +217,9 @@ class ToolBox:
             return
         allowed = set(config.allowed_tools) if config.allowed_tools is not None else None
         configured = self.configured.get(server.name) if server.url is None else None
-        if configured is not None and configured.allowed_tools is not None:  # the config may have changed since the request
+        if (
+            configured is not None and configured.allowed_tools is not None
+        ):  # the config may have changed since the request
             allowed = set(configured.allowed_tools) if allowed is None else allowed & set(configured.allowed_tools)
         for t in listed:
             if allowed is not None and t.name not in allowed:
@@ -218,13 +233,17 @@ class ToolBox:
                 schema["required"] = [r for r in schema.get("required", []) if r != CONTEXT_ARG]
             schema.setdefault("type", "object")
             name = t.name if t.name not in self.reserved and t.name not in self.tools else f"{server.name}__{t.name}"
-            self.tools[name] = RemoteTool(server.name, t.name, Tool(name=name, description=t.description, input_schema=schema), wants_context)
+            self.tools[name] = RemoteTool(
+                server.name, t.name, Tool(name=name, description=t.description, input_schema=schema), wants_context
+            )
 
-    async def _call(self, session: Any, tool: RemoteTool, arguments: dict[str, Any], fut: asyncio.Future[tuple[str, bool]]) -> None:
+    async def _call(
+        self, session: Any, tool: RemoteTool, arguments: dict[str, Any], fut: asyncio.Future[tuple[str, bool]]
+    ) -> None:
         try:
             result = await asyncio.wait_for(session.call_tool(tool.remote_name, arguments), self.timeout_s)
             outcome = _result_text(result)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             outcome = (f"tool {tool.spec.name} timed out after {self.timeout_s:g} s", True)
         except Exception as exc:  # the model sees the failure; the run goes on
             outcome = (f"tool {tool.spec.name} failed: {_describe(exc)}", True)
@@ -302,7 +321,9 @@ class _EndpointGuard(httpx2.AsyncByteStream):
     def _check(self, endpoint: str) -> None:
         own, target = urlsplit(self.url), urlsplit(urljoin(self.url, endpoint))
         if (own.scheme, own.netloc) != (target.scheme, target.netloc):
-            raise httpx2.SSEError(f"the SSE endpoint event names another origin ({target.scheme}://{target.netloc}); refused")
+            raise httpx2.SSEError(
+                f"the SSE endpoint event names another origin ({target.scheme}://{target.netloc}); refused"
+            )
 
 
 def redact_stored_request(raw: bytes) -> bytes:

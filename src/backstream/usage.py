@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cache_write_input_tokens", "cache_read_input_tokens", "thought_tokens")
+USAGE_KEYS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cache_write_input_tokens",
+    "cache_read_input_tokens",
+    "thought_tokens",
+)
 
 
 def empty_usage() -> dict[str, int | None]:

@@ -116,7 +116,8 @@ class RunExecutor:
         task = asyncio.create_task(self._execute(record, chat, config), name=f"run:{record.message_id}")
         self._tasks[record.key] = task
         self._records[record.key] = record
-        task.add_done_callback(lambda _t, key=record.key: self._forget_task(key))
+        key = record.key
+        task.add_done_callback(lambda _t: self._forget_task(key))
 
     def launch_from_record(self, record: RunRecord) -> None:
         """Start a stored run (after a restart or a claim by another process)."""
@@ -175,7 +176,12 @@ class RunExecutor:
         """The first event: the run leaves the queue counts and is recorded as processing."""
         self._pending -= 1
         await self.quotas.started(record.principal, record.tenant, record.message_id)
-        metadata = {**record.metadata, "model": run.served_by.name, "provider": run.served_by.provider, "warnings": run.warnings}
+        metadata = {
+            **record.metadata,
+            "model": run.served_by.name,
+            "provider": run.served_by.provider,
+            "warnings": run.warnings,
+        }
         record.metadata = metadata
         # From its first event on a run is never started again: it needs no MCP token any more.
         record.request = redact_stored_request(record.request)
@@ -224,10 +230,16 @@ class RunExecutor:
 
     def _record_end(self, record: RunRecord, run: Run, status: str) -> None:
         now = time.time()
-        metrics.record_run("background", run.served_by.name, run.finish_reason or "Error", run.seq, run.usage, now - record.created_at)
+        metrics.record_run(
+            "background", run.served_by.name, run.finish_reason or "Error", run.seq, run.usage, now - record.created_at
+        )
         log.info(
             "run %s %s finish=%s events=%d correlation_id=%s",
-            record.message_id, status, run.finish_reason, run.seq, run.request.correlation_id,
+            record.message_id,
+            status,
+            run.finish_reason,
+            run.seq,
+            run.request.correlation_id,
         )
 
     async def _end_until_done(self, record: RunRecord, **how: Any) -> str | None:
@@ -245,7 +257,11 @@ class RunExecutor:
                 return None
             except Exception as exc:
                 if self.stopping:
-                    log.warning("run %s could not be ended before shutdown (%s); it ends on recovery", record.message_id, _describe(exc))
+                    log.warning(
+                        "run %s could not be ended before shutdown (%s); it ends on recovery",
+                        record.message_id,
+                        _describe(exc),
+                    )
                     return None
                 log.warning("run %s: ending it failed (%s); retrying", record.message_id, _describe(exc))
                 await asyncio.sleep(pause)
@@ -298,8 +314,12 @@ class RunExecutor:
             self._abandoned.add(key)
             task.cancel()
 
-    async def end_orphan(self, record: RunRecord, finish_reason: str, error: dict[str, str] | None, claimed: bool = False) -> str:
-        return await end_orphan(self.store, self.quotas, self.settings.runs.retention_s, record, finish_reason, error, claimed)
+    async def end_orphan(
+        self, record: RunRecord, finish_reason: str, error: dict[str, str] | None, claimed: bool = False
+    ) -> str:
+        return await end_orphan(
+            self.store, self.quotas, self.settings.runs.retention_s, record, finish_reason, error, claimed
+        )
 
     async def stop_runs(self, timeout: float) -> None:
         """Shutdown: every task is cancelled; running runs end with error, unstarted ones are handed back."""

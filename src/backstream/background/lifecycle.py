@@ -40,7 +40,9 @@ def status_of_end(end: dict[str, Any]) -> tuple[RunStatus, str | None]:
     return RunStatus.COMPLETED, None
 
 
-def fallback_end(seq: int, message_id: str, finish_reason: str, error: dict[str, str] | None, usage: dict[str, Any] | None) -> Event:
+def fallback_end(
+    seq: int, message_id: str, finish_reason: str, error: dict[str, str] | None, usage: dict[str, Any] | None
+) -> Event:
     fields: dict[str, Any] = {"finish_reason": finish_reason, "usage": usage or {}, "citations": None}
     if error is not None:
         fields["error"] = error
@@ -89,8 +91,13 @@ async def end_run(
 
 
 async def end_orphan(
-    store: StreamStore, quotas: Quotas, retention_s: float,
-    record: RunRecord, finish_reason: str, error: dict[str, str] | None, claimed: bool = False,
+    store: StreamStore,
+    quotas: Quotas,
+    retention_s: float,
+    record: RunRecord,
+    finish_reason: str,
+    error: dict[str, str] | None,
+    claimed: bool = False,
 ) -> RunStatus:
     """End a run no task of ours is executing; returns its terminal status.
 

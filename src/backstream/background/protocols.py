@@ -28,7 +28,9 @@ class RunHost(Protocol):
 
     def local_records(self) -> list[RunRecord]: ...
 
-    async def end_orphan(self, record: RunRecord, finish_reason: str, error: dict[str, str] | None, claimed: bool = False) -> str: ...
+    async def end_orphan(
+        self, record: RunRecord, finish_reason: str, error: dict[str, str] | None, claimed: bool = False
+    ) -> str: ...
 
 
 class Dispatcher(Protocol):

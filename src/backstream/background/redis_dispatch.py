@@ -106,13 +106,16 @@ class RedisDispatcher:
                 await self._pubsub.aclose()
 
     async def _publish(self, op: str, record: RunRecord, **extra: Any) -> None:
-        await self.redis.publish(self.keys.control_channel, orjson.dumps({"op": op, "tenant": record.tenant, "id": record.message_id, **extra}))
+        await self.redis.publish(
+            self.keys.control_channel,
+            orjson.dumps({"op": op, "tenant": record.tenant, "id": record.message_id, **extra}),
+        )
 
     # --- queue ------------------------------------------------------------------------
     async def enqueue(self, record: RunRecord, chat: Any = None, config: Any = None, limit: int | None = None) -> bool:
         target = self.keys.queue(record.model)
         keys = [target] + [self.keys.queue(m) for m in self.capacity if self.keys.queue(m) != target]
-        args = [-1 if limit is None else limit, _score(record), _member(record)]
+        args: list[Any] = [-1 if limit is None else limit, _score(record), _member(record)]
         if not await self._enqueue(keys=keys, args=args):
             return False
         await self._publish("work", record)
@@ -156,7 +159,9 @@ class RedisDispatcher:
             current = await self.store.get_run(record.tenant, record.message_id)
             if current is None or current.terminal:
                 return
-            await self.store.wait(record.tenant, record.message_id, await self.store.last_seq(record.tenant, record.message_id), 0.5)
+            await self.store.wait(
+                record.tenant, record.message_id, await self.store.last_seq(record.tenant, record.message_id), 0.5
+            )
         current = await self.store.get_run(record.tenant, record.message_id)
         if current is not None and not current.terminal:
             await self.host.end_orphan(current, FinishReason.CANCELLED, None)
@@ -202,7 +207,9 @@ class RedisDispatcher:
         for model, capacity in self.capacity.items():
             while not self.host.stopping:
                 now = int(time.time() * 1000)
-                won = await self._claim(keys=[self.keys.queue(model), self.keys.running(model)], args=[now, self.lease_ms, capacity])
+                won = await self._claim(
+                    keys=[self.keys.queue(model), self.keys.running(model)], args=[now, self.lease_ms, capacity]
+                )
                 if not won:
                     break
                 await self._start_claimed(model, *split_member(won))
@@ -234,11 +241,11 @@ class RedisDispatcher:
         stored = await self.store.current_fences([r.key for r in records])
         deadline = int(time.time() * 1000) + self.lease_ms
         async with self.redis.pipeline(transaction=False) as pipe:
-            for r, fence in zip(records, stored):
+            for r, fence in zip(records, stored, strict=True):
                 if fence == self.store.fence_of(r.key):
                     pipe.zadd(self.keys.running(r.model), {_member(r): deadline}, xx=True)
             await pipe.execute()
-        for r, fence in zip(records, stored):
+        for r, fence in zip(records, stored, strict=True):
             if fence != self.store.fence_of(r.key):
                 log.warning("run %s was taken over by another replica; stopping it here", r.message_id)
                 self.host.abandon_local(r.tenant, r.message_id)
@@ -252,7 +259,12 @@ class RedisDispatcher:
                 try:  # each takeover on its own: one that fails keeps its lease and is retried later
                     await self._take_over(model, tenant, mid)
                 except Exception as exc:
-                    log.warning("taking over run %s failed (%s: %s); retried when its lease expires", mid, type(exc).__name__, exc)
+                    log.warning(
+                        "taking over run %s failed (%s: %s); retried when its lease expires",
+                        mid,
+                        type(exc).__name__,
+                        exc,
+                    )
         self._kick.set()
 
     async def _take_over(self, model: str, tenant: str, mid: str) -> None:
@@ -267,6 +279,11 @@ class RedisDispatcher:
             await self._requeue(record)
             log.info("run %s requeued: its replica stopped before the first event", mid)
             return
-        status = await self.host.end_orphan(record, FinishReason.ERROR, {"type": "api_error", "message": "the replica running this run stopped"}, claimed=True)
+        status = await self.host.end_orphan(
+            record,
+            FinishReason.ERROR,
+            {"type": "api_error", "message": "the replica running this run stopped"},
+            claimed=True,
+        )
         await self.redis.zrem(self.keys.running(model), member(tenant, mid))
         log.warning("run %s taken over from a stopped replica; ended as %s", mid, status)

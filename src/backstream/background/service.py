@@ -19,14 +19,18 @@ from .protocols import Dispatcher
 class BackgroundRuns:
     """Submit, cancel and delete runs, whichever process executes them."""
 
-    def __init__(self, settings: Settings, store: StreamStore, quotas: Quotas, executor: RunExecutor, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, settings: Settings, store: StreamStore, quotas: Quotas, executor: RunExecutor, dispatcher: Dispatcher
+    ) -> None:
         self.settings = settings
         self.store = store
         self.quotas = quotas
         self.executor = executor
         self.dispatcher = dispatcher
 
-    async def submit(self, tenant: str, principal: str, message_id: str, chat: ChatRequest, config: ModelConfig, raw_request: bytes) -> RunRecord:
+    async def submit(
+        self, tenant: str, principal: str, message_id: str, chat: ChatRequest, config: ModelConfig, raw_request: bytes
+    ) -> RunRecord:
         limit = self.settings.runs.queue_limit
         pending = await self.dispatcher.pending()
         if pending >= limit:
@@ -78,7 +82,9 @@ def _taken(message_id: str) -> Conflict:
     return Conflict(f"a run with message_id {message_id!r} already exists")
 
 
-def _new_record(tenant: str, principal: str, message_id: str, chat: ChatRequest, config: ModelConfig, raw: bytes, owner: str) -> RunRecord:
+def _new_record(
+    tenant: str, principal: str, message_id: str, chat: ChatRequest, config: ModelConfig, raw: bytes, owner: str
+) -> RunRecord:
     now = time.time()
     return RunRecord(
         tenant=tenant,

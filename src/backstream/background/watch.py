@@ -62,7 +62,7 @@ async def _ended(store: StreamStore, tenant: str, message_id: str, cursor: int) 
         return False, b""
     # The status is written only after stream_end is durable. Read the rest from the store itself:
     # this process's copy of the log may stop where another replica took the run over.
-    frames = []
+    frames: list[bytes] = []
     while True:
         batch = await store.read_stored(tenant, message_id, cursor, READ_BATCH)
         if not batch:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -25,7 +25,7 @@ MAX_CURSOR = 2**53 - 1  # beyond any real event position; larger numbers would o
 def _iso(t: float | None) -> str | None:
     if t is None:
         return None
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def status_body(record: RunRecord, event_count: int) -> dict[str, Any]:
@@ -58,7 +58,9 @@ def _cursor(request: Request, after: int | None) -> int:
     return after or 0
 
 
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse, "description": "Unknown message_id (or another tenant's)"}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "Unknown message_id (or another tenant's)"}
+}
 _EXAMPLE_ID = "msg_async_12345"
 
 
@@ -69,17 +71,42 @@ router = APIRouter(prefix="/v1/messages/async", tags=["async messages"])
     "",
     response_model=AsyncStarted,
     responses={
-        200: {"content": {"application/json": {"example": {"message_id": _EXAMPLE_ID, "status": "pending", "message": "Request initiated successfully"}}}},
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "message_id": _EXAMPLE_ID,
+                        "status": "pending",
+                        "message": "Request initiated successfully",
+                    }
+                }
+            }
+        },
         409: {"model": ErrorResponse, "description": "message_id already exists"},
         413: {"model": ErrorResponse, "description": "Body too large"},
         422: {"model": ErrorResponse, "description": "Invalid request"},
         429: {"model": ErrorResponse, "description": "Run queue full"},
     },
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}, "example": {"max_tokens": 64, "messages": [{"role": "user", "content": "Summarise the plot of Hamlet."}]}}}}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/ChatRequest"},
+                    "example": {
+                        "max_tokens": 64,
+                        "messages": [{"role": "user", "content": "Summarise the plot of Hamlet."}],
+                    },
+                }
+            },
+        }
+    },
 )
 async def start(
     request: Request,
-    message_id: str | None = Query(None, description="Optional custom id, [A-Za-z0-9_-]{1,128}; generated when absent", examples=[_EXAMPLE_ID]),
+    message_id: str | None = Query(
+        None, description="Optional custom id, [A-Za-z0-9_-]{1,128}; generated when absent", examples=[_EXAMPLE_ID]
+    ),
 ) -> Any:
     """Start a background run and return its id at once; the run goes on whether or not anybody watches."""
     if message_id is not None and not MESSAGE_ID.fullmatch(message_id):
@@ -88,7 +115,9 @@ async def start(
     chat = await read_chat_request(request, s.settings)
     config = s.models.resolve(chat.model)
     raw = chat.model_dump_json(exclude_none=True, by_alias=True, exclude={"response_format"}).encode()
-    record = await s.deployment.runs.submit(tenant_of(request), principal_of(request).name, message_id or new_message_id(), chat, config, raw)
+    record = await s.deployment.runs.submit(
+        tenant_of(request), principal_of(request).name, message_id or new_message_id(), chat, config, raw
+    )
     return {"message_id": record.message_id, "status": "pending", "message": "Request initiated successfully"}
 
 
@@ -97,7 +126,11 @@ async def start(
     responses={
         200: {
             "description": "SSE: replay of everything so far (or after the cursor), then live events; closes after stream_end",
-            "content": {"text/event-stream": {"example": 'id: 1\nevent: stream_start\ndata: {"id":"evt_01K...","timestamp":1776855811,"message_id":"msg_async_12345","model":"local","provider":"local","metadata":{"warnings":[]}}\n\n'}},
+            "content": {
+                "text/event-stream": {
+                    "example": 'id: 1\nevent: stream_start\ndata: {"id":"evt_01K...","timestamp":1776855811,"message_id":"msg_async_12345","model":"local","provider":"local","metadata":{"warnings":[]}}\n\n'
+                }
+            },
         },
         **_NOT_FOUND,
         422: {"model": ErrorResponse, "description": "Bad cursor"},
@@ -106,7 +139,9 @@ async def start(
 async def watch(
     request: Request,
     message_id: str,
-    after: int | None = Query(None, ge=0, le=MAX_CURSOR, description="Send only events with position > after (like Last-Event-ID)"),
+    after: int | None = Query(
+        None, ge=0, le=MAX_CURSOR, description="Send only events with position > after (like Last-Event-ID)"
+    ),
 ) -> Response:
     """Watch a run: every event after the cursor in order, then live ones, then the connection closes."""
     tenant = tenant_of(request)
@@ -147,10 +182,22 @@ async def _delete(request: Request, message_id: str) -> Response:
 
 
 router.add_api_route(
-    "/{message_id}", _delete, methods=["DELETE"], status_code=204, responses=_NOT_FOUND, summary="Delete a run",
-    description="Cancel the run if it is active, then remove its status and events.", response_class=Response,
+    "/{message_id}",
+    _delete,
+    methods=["DELETE"],
+    status_code=204,
+    responses=_NOT_FOUND,
+    summary="Delete a run",
+    description="Cancel the run if it is active, then remove its status and events.",
+    response_class=Response,
 )
 router.add_api_route(
-    "/{message_id}/delete", _delete, methods=["DELETE"], status_code=204, responses=_NOT_FOUND, summary="Delete a run (alias)",
-    description="Same as DELETE /v1/messages/async/{message_id}.", response_class=Response,
+    "/{message_id}/delete",
+    _delete,
+    methods=["DELETE"],
+    status_code=204,
+    responses=_NOT_FOUND,
+    summary="Delete a run (alias)",
+    description="Same as DELETE /v1/messages/async/{message_id}.",
+    response_class=Response,
 )

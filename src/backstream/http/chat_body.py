@@ -61,7 +61,11 @@ def _output_schema_field(data: dict[str, Any]) -> str:
     """Where the request put its output schema: output_config, or the deprecated response_format."""
     response_format = data.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") in ("json_schema", "json_object"):
-        return "response_format.schema" if response_format.get("schema") is not None else "response_format.json_schema.schema"
+        return (
+            "response_format.schema"
+            if response_format.get("schema") is not None
+            else "response_format.json_schema.schema"
+        )
     return "output_config.format.schema"
 
 
@@ -71,7 +75,10 @@ async def _resolve_mcp_server(i: int, server: McpServer, settings: Settings) -> 
         configured = next((c for c in settings.mcp_servers if c.name == server.name), None)
         if configured is None:
             known = ", ".join(c.name for c in settings.mcp_servers) or "none"
-            raise Invalid(f"mcp_servers.{i} has no url and no configured MCP server is named {server.name!r} (configured: {known})", f"mcp_servers.{i}.url")
+            raise Invalid(
+                f"mcp_servers.{i} has no url and no configured MCP server is named {server.name!r} (configured: {known})",
+                f"mcp_servers.{i}.url",
+            )
         tools = server.tool_configuration
         if configured.allowed_tools is not None:
             allowed = [t for t in (tools.allowed_tools or configured.allowed_tools) if t in configured.allowed_tools]

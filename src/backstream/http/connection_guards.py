@@ -56,7 +56,12 @@ def max_connections(configured: int) -> int:
 def guarded_protocol(http: HttpSettings) -> type[HttpToolsProtocol]:
     """An HttpToolsProtocol subclass bound to these limits (uvicorn instantiates the class itself)."""
     limits = http.model_copy(update={"max_connections": max_connections(http.max_connections)})
-    log.info("http: max_connections %d, heads up to %d bytes in %s s", limits.max_connections, limits.max_header_bytes, limits.head_timeout_s)
+    log.info(
+        "http: max_connections %d, heads up to %d bytes in %s s",
+        limits.max_connections,
+        limits.max_header_bytes,
+        limits.head_timeout_s,
+    )
     return type("BoundGuardedProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
 
 
@@ -79,7 +84,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
             _log_sparsely("refused", "refusing connections: max_connections (%d) are open", self.limits.max_connections)
-            self._answer_and_close(503, "overloaded_error", "too many open connections, retry later", [(b"retry-after", b"1")])
+            self._answer_and_close(
+                503, "overloaded_error", "too many open connections, retry later", [(b"retry-after", b"1")]
+            )
             return
         self._head_timer = self.loop.call_later(self.limits.head_timeout_s, self._head_timed_out)
 
@@ -184,7 +191,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _log_sparsely("408body", "request body stalled for %s s: answered 408", self.limits.body_read_timeout_s)
         self._answer_and_close(408, "timeout_error", "request body not received in time")
 
-    def _answer_and_close(self, status: int, type_: str, message: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    def _answer_and_close(
+        self, status: int, type_: str, message: str, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         """Answer with the shared error shape, then close after a short linger that drops what still comes in."""
         self._cancel_timers()
         self._reading_head = self._discarding = True

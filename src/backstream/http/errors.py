@@ -49,7 +49,9 @@ def request_id_of(scope: Scope) -> str:
     return scope.get("state", {}).get("request_id") or "req_" + new_ulid()
 
 
-def error_response(scope: Scope, status: int, type: str, message: str, details: Any = None, headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    scope: Scope, status: int, type: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> Response:
     request_id = request_id_of(scope)
     # Set here too: a 500 is answered outside the middleware that adds it to everything else.
     return Response(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import orjson
 from fastapi import APIRouter, Request
@@ -62,7 +62,9 @@ async def create_message(request: Request) -> Response:
 
     async def release() -> None:
         await quotas.release(principal.name, tenant, run.message_id)
-        metrics.record_run("sync", run.served_by.name, run.finish_reason or "Cancelled", run.seq, run.usage, time.monotonic() - started)
+        metrics.record_run(
+            "sync", run.served_by.name, run.finish_reason or "Cancelled", run.seq, run.usage, time.monotonic() - started
+        )
 
     if chat.stream:
         return await _stream_sync(request, run, s.settings, release)
@@ -72,7 +74,7 @@ async def create_message(request: Request) -> Response:
         await release()
 
 
-async def _first_events(run: Run, events: AsyncIterator[Event]) -> list[Event]:
+async def _first_events(run: Run, events: AsyncGenerator[Event, None]) -> list[Event]:
     """Read up to the first event after stream_start: enough to know whether the upstream answered."""
     head = []
     async for event in events:
@@ -91,7 +93,9 @@ def _failed_before_output(head: list[Event]) -> RunFailed | None:
     return RunFailed(err["type"], err["message"])
 
 
-async def _stream_sync(request: Request, run: Run, settings: Settings, release: Callable[[], Awaitable[None]]) -> Response:
+async def _stream_sync(
+    request: Request, run: Run, settings: Settings, release: Callable[[], Awaitable[None]]
+) -> Response:
     events = run.events()
     try:
         head = await cancel_on_disconnect(request.receive, _first_events(run, events))
@@ -112,7 +116,11 @@ async def _stream_sync(request: Request, run: Run, settings: Settings, release: 
             log.info("run %s cancelled: client disconnected", run.message_id)
 
     return EventStreamResponse(
-        events, keepalive_s=settings.keepalive_s, on_close=on_close, head=b"".join(e.frame() for e in head), encode=Event.frame
+        events,
+        keepalive_s=settings.keepalive_s,
+        on_close=on_close,
+        head=b"".join(e.frame() for e in head),
+        encode=Event.frame,
     )
 
 

@@ -21,7 +21,9 @@ log = logging.getLogger("backstream.app")
 router = APIRouter()
 
 
-@router.get("/healthz", tags=["operations"], responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
+@router.get(
+    "/healthz", tags=["operations"], responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}}
+)
 async def healthz() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "ok"}
@@ -44,7 +46,14 @@ async def readyz(request: Request) -> Response:
     return ORJSONResponse({"status": "ready"})
 
 
-@router.get("/metrics", tags=["operations"], response_class=Response, responses={200: {"content": {"text/plain": {"example": "backstream_runs_started_total{kind=\"sync\",model=\"local\"} 3.0"}}}})
+@router.get(
+    "/metrics",
+    tags=["operations"],
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"example": 'backstream_runs_started_total{kind="sync",model="local"} 3.0'}}}
+    },
+)
 async def metrics_endpoint(request: Request) -> Response:
     """Prometheus metrics: runs, events, tokens, queue."""
     executor = services(request).deployment.executor

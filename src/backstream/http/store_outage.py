@@ -42,9 +42,18 @@ class StoreOutageGuard:
         except Exception as exc:
             if started or not self.store.unavailable(exc):
                 raise
-            log.warning("%s %s: the store is out of reach (%s: %s); answered 503", scope["method"], scope["path"], type(exc).__name__, exc)
+            log.warning(
+                "%s %s: the store is out of reach (%s: %s); answered 503",
+                scope["method"],
+                scope["path"],
+                type(exc).__name__,
+                exc,
+            )
             response = error_response(
-                scope, 503, "overloaded_error", "the run store is temporarily unavailable; retry shortly",
+                scope,
+                503,
+                "overloaded_error",
+                "the run store is temporarily unavailable; retry shortly",
                 headers={"retry-after": RETRY_AFTER_S},
             )
             await response(scope, receive, send)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import anthropic
@@ -11,8 +11,8 @@ import httpx2 as httpx  # the transport both official SDKs are built on
 import orjson
 
 from ..api_models import ChatRequest, ThinkingEffort, ThinkingEnabled
-from .transport import sdk_http_client
 from .base import OVERLOADED, UPSTREAM, Delta, Provider, SSEDecoder, UpstreamError, sdk_error, timeout_for
+from .transport import sdk_http_client
 
 _FINISH = {
     "end_turn": "Stop",
@@ -39,29 +39,14 @@ def build_payload(model: str, default_max_tokens: int, request: ChatRequest, war
             {"type": "text", "text": s.text, **({"cache_control": s.cache_control} if s.cache_control else {})}
             for s in request.system
         ]
-    if request.temperature is not None:
-        if request.temperature > 1:
-            warnings.append("temperature above 1 is not supported by provider anthropic and was lowered to 1")
-        body["temperature"] = min(request.temperature, 1.0)
-    for key in ("top_p", "top_k"):
-        if getattr(request, key) is not None:
-            body[key] = getattr(request, key)
-    for key in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "maximum_loaded_skills"):
-        if getattr(request, key) is not None:
-            warnings.append(f"{key} is not supported by provider anthropic and was dropped")
+    _add_sampling(body, request, warnings)
     if request.stop_sequences:
         body["stop_sequences"] = request.stop_sequences
     if request.tools:
         body["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
         if request.tool_choice is not None:
             body["tool_choice"] = request.tool_choice.model_dump(exclude_none=True)
-    thinking = request.thinking
-    if isinstance(thinking, ThinkingEnabled):
-        body["thinking"] = {"type": "enabled", "budget_tokens": thinking.budget_tokens}
-    elif isinstance(thinking, ThinkingEffort) and thinking.enabled:
-        body["thinking"] = {"type": "enabled", "budget_tokens": _EFFORT_BUDGET[thinking.effort]}
-    if "thinking" in body and body["max_tokens"] <= body["thinking"]["budget_tokens"]:
-        body["max_tokens"] = body["thinking"]["budget_tokens"] + (request.max_tokens or default_max_tokens)
+    _add_thinking(body, request, default_max_tokens)
     fmt = request.output_format
     if fmt is not None:
         body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.schema_}}
@@ -73,6 +58,36 @@ def build_payload(model: str, default_max_tokens: int, request: ChatRequest, war
         if getattr(request, key) is not None:
             body[key] = getattr(request, key)
     return body
+
+
+def _add_sampling(body: dict[str, Any], request: ChatRequest, warnings: list[str]) -> None:
+    if request.temperature is not None:
+        if request.temperature > 1:
+            warnings.append("temperature above 1 is not supported by provider anthropic and was lowered to 1")
+        body["temperature"] = min(request.temperature, 1.0)
+    for key in ("top_p", "top_k"):
+        if getattr(request, key) is not None:
+            body[key] = getattr(request, key)
+    for key in (
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "maximum_loaded_skills",
+    ):
+        if getattr(request, key) is not None:
+            warnings.append(f"{key} is not supported by provider anthropic and was dropped")
+
+
+def _add_thinking(body: dict[str, Any], request: ChatRequest, default_max_tokens: int) -> None:
+    thinking = request.thinking
+    if isinstance(thinking, ThinkingEnabled):
+        body["thinking"] = {"type": "enabled", "budget_tokens": thinking.budget_tokens}
+    elif isinstance(thinking, ThinkingEffort) and thinking.enabled:
+        body["thinking"] = {"type": "enabled", "budget_tokens": _EFFORT_BUDGET[thinking.effort]}
+    if "thinking" in body and body["max_tokens"] <= body["thinking"]["budget_tokens"]:
+        body["max_tokens"] = body["thinking"]["budget_tokens"] + (request.max_tokens or default_max_tokens)
 
 
 class AnthropicStreamParser:
@@ -148,7 +163,7 @@ class AnthropicProvider(Provider):
             http_client=sdk_http_client(timeout_for(config)),
         )
 
-    async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncIterator[Delta]:
+    async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncGenerator[Delta, None]:
         body = build_payload(self.config.upstream_model, self.config.max_tokens, request, warnings)
         parser = AnthropicStreamParser()
         try:

@@ -10,13 +10,13 @@ Tuples rather than objects because this is the hot path (one per upstream token)
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx2 as httpx  # the transport both official SDKs are built on
 
-from ..config import ModelConfig
 from ..api_models import ChatRequest
+from ..config import ModelConfig
 
 Delta = tuple[Any, ...]
 
@@ -31,7 +31,13 @@ class UpstreamError(Exception):
     """A provider call failed. `retryable` says whether a retry or fallback may help."""
 
     def __init__(
-        self, type: str, message: str, *, status: int | None = None, retryable: bool = False, retry_after: float | None = None
+        self,
+        type: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.type = type
@@ -43,11 +49,21 @@ class UpstreamError(Exception):
 
 def status_error(status: int, message: str, retry_after: float | None = None) -> UpstreamError:
     if status == 429:
-        return UpstreamError(RATE_LIMITED, f"upstream rate limited the request: {message}", status=status, retryable=True, retry_after=retry_after)
+        return UpstreamError(
+            RATE_LIMITED,
+            f"upstream rate limited the request: {message}",
+            status=status,
+            retryable=True,
+            retry_after=retry_after,
+        )
     if status in (503, 529):
-        return UpstreamError(OVERLOADED, f"upstream overloaded: {message}", status=status, retryable=True, retry_after=retry_after)
+        return UpstreamError(
+            OVERLOADED, f"upstream overloaded: {message}", status=status, retryable=True, retry_after=retry_after
+        )
     if status >= 500 or status == 408:
-        return UpstreamError(UPSTREAM, f"upstream error {status}: {message}", status=status, retryable=True, retry_after=retry_after)
+        return UpstreamError(
+            UPSTREAM, f"upstream error {status}: {message}", status=status, retryable=True, retry_after=retry_after
+        )
     return UpstreamError(UPSTREAM, f"upstream rejected the request ({status}): {message}", status=status)
 
 
@@ -68,14 +84,17 @@ def timeout_for(config: ModelConfig) -> httpx.Timeout:
     return httpx.Timeout(config.timeout_s, connect=min(config.timeout_s, 10.0))
 
 
-def sdk_error(exc: Exception, config: ModelConfig, timeout_cls: type[Exception], status_cls: type[Exception]) -> UpstreamError:
+def sdk_error(
+    exc: Exception, config: ModelConfig, timeout_cls: type[Exception], status_cls: type[Exception]
+) -> UpstreamError:
     """Translate an SDK or transport exception (both official SDKs share one shape) into UpstreamError."""
     if isinstance(exc, status_cls):
         body = getattr(exc, "body", None)
         err = body.get("error", body) if isinstance(body, dict) else None
         message = str(err["message"]) if isinstance(err, dict) and err.get("message") else str(exc)
         response = getattr(exc, "response", None)
-        return status_error(exc.status_code, message, parse_retry_after(response.headers if response is not None else None))  # type: ignore[attr-defined]
+        status = int(getattr(exc, "status_code", 502))
+        return status_error(status, message, parse_retry_after(response.headers if response is not None else None))
     if isinstance(exc, (timeout_cls, httpx.TimeoutException)):
         return UpstreamError(TIMEOUT, f"upstream did not answer within {config.timeout_s:g} s", retryable=True)
     return UpstreamError(UPSTREAM, f"upstream connection failed: {type(exc).__name__}", retryable=True)
@@ -89,7 +108,7 @@ class Provider:
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
 
-    def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncIterator[Delta]:
+    def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncGenerator[Delta, None]:
         """Start the upstream call. Raise `UpstreamError` for failures; closing the iterator closes the call."""
         raise NotImplementedError
 

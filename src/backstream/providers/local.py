@@ -13,13 +13,13 @@ import importlib.util
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig
 from ..api_models import ChatRequest
+from ..config import ModelConfig
 from .base import UPSTREAM, Delta, Provider, UpstreamError
 from .openai import build_payload, chunk_deltas
 
@@ -80,7 +80,7 @@ class LocalProvider(Provider):
                 self._server = xllamacpp.Server(p)
             return self._server
 
-    async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncIterator[Delta]:
+    async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncGenerator[Delta, None]:
         body = build_payload(self.config, request, warnings, extra_sampling=True)
         body.pop("model")
         if request.tools:
@@ -120,7 +120,10 @@ class LocalProvider(Provider):
                     raise UpstreamError(UPSTREAM, f"local model failed: {item}") from item
                 if "error" in item:
                     err = item["error"]
-                    raise UpstreamError(UPSTREAM, f"local model rejected the request: {err.get('message', err) if isinstance(err, dict) else err}")
+                    raise UpstreamError(
+                        UPSTREAM,
+                        f"local model rejected the request: {err.get('message', err) if isinstance(err, dict) else err}",
+                    )
                 for delta in chunk_deltas(item):
                     yield delta
         finally:

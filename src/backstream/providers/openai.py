@@ -9,14 +9,13 @@ bench/sdk_parse.py).
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx2 as httpx  # the transport both official SDKs are built on
 import openai
 import orjson
 
-from ..config import ModelConfig
 from ..api_models import (
     ChatRequest,
     DocumentBlock,
@@ -27,10 +26,17 @@ from ..api_models import (
     ToolResultBlock,
     ToolUseBlock,
 )
-from .transport import sdk_http_client
+from ..config import ModelConfig
 from .base import UPSTREAM, Delta, Provider, SSEDecoder, UpstreamError, sdk_error, timeout_for
+from .transport import sdk_http_client
 
-_FINISH = {"stop": "Stop", "length": "Length", "tool_calls": "ToolUse", "function_call": "ToolUse", "content_filter": "Stop"}
+_FINISH = {
+    "stop": "Stop",
+    "length": "Length",
+    "tool_calls": "ToolUse",
+    "function_call": "ToolUse",
+    "content_filter": "Stop",
+}
 _TOOL_CHOICE = {"auto": "auto", "any": "required", "none": "none"}
 
 
@@ -61,7 +67,15 @@ def _user_parts(blocks: list[Any], warnings: list[str]) -> list[dict[str, Any]]:
             if src.type == "text":
                 parts.append({"type": "text", "text": src.data})
             elif src.type == "base64":
-                parts.append({"type": "file", "file": {"file_data": f"data:{src.media_type};base64,{src.data}", "filename": b.title or "document"}})
+                parts.append(
+                    {
+                        "type": "file",
+                        "file": {
+                            "file_data": f"data:{src.media_type};base64,{src.data}",
+                            "filename": b.title or "document",
+                        },
+                    }
+                )
             else:
                 parts.append({"type": "text", "text": f"[document: {src.url}]"})
     return parts
@@ -79,7 +93,11 @@ def to_openai_messages(request: ChatRequest, warnings: list[str]) -> list[dict[s
             text = "".join(b.text for b in m.content if isinstance(b, TextBlock))
             msg: dict[str, Any] = {"role": "assistant", "content": text or None}
             calls = [
-                {"id": b.id, "type": "function", "function": {"name": b.name, "arguments": orjson.dumps(b.input).decode()}}
+                {
+                    "id": b.id,
+                    "type": "function",
+                    "function": {"name": b.name, "arguments": orjson.dumps(b.input).decode()},
+                }
                 for b in m.content
                 if isinstance(b, ToolUseBlock)
             ]
@@ -91,7 +109,13 @@ def to_openai_messages(request: ChatRequest, warnings: list[str]) -> list[dict[s
         for b in m.content:
             if isinstance(b, ToolResultBlock):
                 content = b.text()
-                out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": f"Error: {content}" if b.is_error else content})
+                out.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": b.tool_use_id,
+                        "content": f"Error: {content}" if b.is_error else content,
+                    }
+                )
         parts = _user_parts(m.content, warnings)
         if parts:
             if all(p["type"] == "text" for p in parts):
@@ -149,7 +173,9 @@ def chunk_deltas(chunk: dict[str, Any]) -> list[Delta]:
     return out
 
 
-def build_payload(config: ModelConfig, request: ChatRequest, warnings: list[str], *, extra_sampling: bool) -> dict[str, Any]:
+def build_payload(
+    config: ModelConfig, request: ChatRequest, warnings: list[str], *, extra_sampling: bool
+) -> dict[str, Any]:
     """The chat-completions body. `extra_sampling`: the endpoint honours top_k/min_p/repeat_penalty."""
     body: dict[str, Any] = {
         "model": config.upstream_model,
@@ -174,19 +200,28 @@ def build_payload(config: ModelConfig, request: ChatRequest, warnings: list[str]
             warnings.append(f"{key} is not supported by provider openai and was dropped")
     if request.tools:
         body["tools"] = [
-            {"type": "function", "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema}}
+            {
+                "type": "function",
+                "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema},
+            }
             for t in request.tools
         ]
         tc = request.tool_choice
         if tc is not None:
-            body["tool_choice"] = {"type": "function", "function": {"name": tc.name}} if tc.type == "tool" else _TOOL_CHOICE[tc.type]
+            body["tool_choice"] = (
+                {"type": "function", "function": {"name": tc.name}} if tc.type == "tool" else _TOOL_CHOICE[tc.type]
+            )
             if tc.disable_parallel_tool_use:
                 body["parallel_tool_calls"] = False
     fmt = request.output_format
     if fmt is not None:
         body["response_format"] = {
             "type": "json_schema",
-            "json_schema": {"name": fmt.name or "output", "schema": fmt.schema_, **({"strict": fmt.strict} if fmt.strict is not None else {})},
+            "json_schema": {
+                "name": fmt.name or "output",
+                "schema": fmt.schema_,
+                **({"strict": fmt.strict} if fmt.strict is not None else {}),
+            },
         }
     effort = effort_for(request.thinking)
     if effort:
@@ -215,7 +250,7 @@ class OpenAIProvider(Provider):
             http_client=sdk_http_client(timeout_for(config)),
         )
 
-    async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncIterator[Delta]:
+    async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncGenerator[Delta, None]:
         body = build_payload(self.config, request, warnings, extra_sampling=self.config.extra_sampling)
         model = body.pop("model")
         try:

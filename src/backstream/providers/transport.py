@@ -15,7 +15,6 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httptools
 import httpx2 as httpx
@@ -250,7 +249,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         conn = _Connection(key)
         try:
             await asyncio.wait_for(self._open(conn, host, port, ssl_context), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
         except OSError as exc:
             raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
@@ -261,7 +260,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
         addresses = [host] if self._egress is None else await resolve_allowed(host, port, self._egress)
         for i, address in enumerate(addresses):
             try:
-                await loop.create_connection(lambda: conn, address, port, ssl=ssl_context, server_hostname=host if ssl_context else None)
+                await loop.create_connection(
+                    lambda: conn, address, port, ssl=ssl_context, server_hostname=host if ssl_context else None
+                )
                 return
             except OSError:
                 if i == len(addresses) - 1:
@@ -278,6 +279,8 @@ def sdk_http_client(timeout: httpx.Timeout) -> httpx.AsyncClient | None:
     """An httpx2 client on the lean transport, or None (SDK default) when a proxy is configured."""
     import os
 
-    if any(os.environ.get(v) for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")):
+    if any(
+        os.environ.get(v) for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+    ):
         return None  # the default transport knows proxies; this one does not
     return httpx.AsyncClient(transport=LeanTransport(), timeout=timeout, follow_redirects=True)

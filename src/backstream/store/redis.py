@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -121,7 +121,9 @@ class RedisStore(StreamStore):
         )
         self.redis = aioredis.Redis(connection_pool=pool)
         # The follower blocks in XREAD for up to 5 s: its socket must not time out first.
-        self._block = aioredis.from_url(url, single_connection_client=True, socket_timeout=None, socket_connect_timeout=2, retry=_retry())
+        self._block = aioredis.from_url(
+            url, single_connection_client=True, socket_timeout=None, socket_connect_timeout=2, retry=_retry()
+        )
         self._fences: dict[Key, int] = {}
         self._lost_keys: set[Key] = set()
         self._followed: dict[Key, int] = {}  # remote runs with waiters -> cursor to follow from
@@ -206,7 +208,7 @@ class RedisStore(StreamStore):
         raw = await self.redis.hgetall(self.meta_key((tenant, message_id)))
         if not raw:
             return None
-        return RunRecord(**_decode(raw))
+        return RunRecord(**_decode(cast(dict[bytes, bytes], raw)))
 
     async def update_run(self, tenant: str, message_id: str, **changes: Any) -> None:
         key = (tenant, message_id)
@@ -266,7 +268,7 @@ class RedisStore(StreamStore):
                 await self._append(keys=[self.meta_key(key), self.events_key(key)], args=args, client=pipe)  # queues it
                 keys.append(key)
             results = await pipe.execute(raise_on_error=False)
-        for key, result in zip(keys, results):
+        for key, result in zip(keys, results, strict=True):
             if isinstance(result, Exception):
                 if "FENCED" in str(result):
                     self._lost(key)
@@ -276,15 +278,15 @@ class RedisStore(StreamStore):
         return failures
 
     async def _load_events(self, key: Key, after: int, limit: int) -> list[Event]:
-        entries = await self.redis.xrange(self.events_key(key), min=f"{after + 1}-0", max="+", count=limit)
+        entries: Any = await self.redis.xrange(self.events_key(key), min=f"{after + 1}-0", max="+", count=limit)
         return [_stream_event(eid, f) for eid, f in entries]
 
     async def _last_seq(self, key: Key) -> int:
-        entries = await self.redis.xrevrange(self.events_key(key), max="+", min="-", count=1)
+        entries: Any = await self.redis.xrevrange(self.events_key(key), max="+", min="-", count=1)
         return int(entries[0][0].split(b"-", 1)[0]) if entries else 0
 
     async def _last_event(self, key: Key) -> Event | None:
-        entries = await self.redis.xrevrange(self.events_key(key), max="+", min="-", count=1)
+        entries: Any = await self.redis.xrevrange(self.events_key(key), max="+", min="-", count=1)
         return _stream_event(*entries[0]) if entries else None
 
     async def last_seq(self, tenant: str, message_id: str) -> int:
@@ -349,8 +351,8 @@ class RedisStore(StreamStore):
                         del self._followed[k]  # nobody waits any more
                     if not self._followed:
                         continue
-                    streams = {self.events_key(k): f"{after}-0" for k, after in self._followed.items()}
-                    result = await self._block.xread(streams, block=5000, count=1000)
+                    streams: dict[Any, Any] = {self.events_key(k): f"{after}-0" for k, after in self._followed.items()}
+                    result: Any = await self._block.xread(streams, block=5000, count=1000)
                     for stream_key, entries in result or ():
                         if not entries:
                             continue

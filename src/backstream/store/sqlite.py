@@ -78,7 +78,7 @@ def _row(record: RunRecord) -> tuple[Any, ...]:
 
 
 def _record(row: Sequence[Any]) -> RunRecord:
-    data = dict(zip(RECORD_FIELDS, row))
+    data = dict(zip(RECORD_FIELDS, row, strict=True))
     data["metadata"] = orjson.loads(data["metadata"])
     data["request"] = bytes(data["request"])
     return RunRecord(**data)
@@ -170,21 +170,21 @@ class SQLiteStore(StreamStore):
                     except sqlite3.Error as exc:
                         results.append((fut, None, exc))
                 conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                results = [(fut, None, exc) for _, fut in batch]
+            except sqlite3.Error as failed:
+                results = [(fut, None, failed) for _, fut in batch]
                 try:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-            for fut, value, exc in results:
+            for fut, value, error in results:
                 # A waiter cancelled meanwhile (its run cancelled or deleted) cannot take a result;
                 # setting one would raise and end this thread, and with it every later write.
                 if not fut.set_running_or_notify_cancel():
                     continue
-                if exc is None:
+                if error is None:
                     fut.set_result(value)
                 else:
-                    fut.set_exception(exc)
+                    fut.set_exception(error)
             if stop:
                 conn.close()
                 return
@@ -209,7 +209,9 @@ class SQLiteStore(StreamStore):
 
     async def get_run(self, tenant: str, message_id: str) -> RunRecord | None:
         row = await self._read(
-            lambda c: c.execute(f"SELECT {_COLUMNS} FROM runs WHERE tenant = ? AND message_id = ?", (tenant, message_id)).fetchone()
+            lambda c: c.execute(
+                f"SELECT {_COLUMNS} FROM runs WHERE tenant = ? AND message_id = ?", (tenant, message_id)
+            ).fetchone()
         )
         return None if row is None else _record(row)
 
@@ -219,12 +221,18 @@ class SQLiteStore(StreamStore):
         names = list(changes)
         values = [orjson.dumps(changes[n]) if n == "metadata" else changes[n] for n in names]
         sets = ", ".join(f"{n} = ?" for n in names)
-        await self._write(lambda c: c.execute(f"UPDATE runs SET {sets} WHERE tenant = ? AND message_id = ?", (*values, tenant, message_id)))
+        await self._write(
+            lambda c: c.execute(
+                f"UPDATE runs SET {sets} WHERE tenant = ? AND message_id = ?", (*values, tenant, message_id)
+            )
+        )
 
     async def unfinished(self) -> list[RunRecord]:
         marks = ", ".join("?" for _ in TERMINAL)
         rows = await self._read(
-            lambda c: c.execute(f"SELECT {_COLUMNS} FROM runs WHERE status NOT IN ({marks}) ORDER BY created_at", tuple(TERMINAL)).fetchall()
+            lambda c: c.execute(
+                f"SELECT {_COLUMNS} FROM runs WHERE status NOT IN ({marks}) ORDER BY created_at", tuple(TERMINAL)
+            ).fetchall()
         )
         return [_record(r) for r in rows]
 
@@ -237,7 +245,9 @@ class SQLiteStore(StreamStore):
 
     async def _expire(self, now: float) -> list[Key]:
         def expire(c: sqlite3.Connection) -> list[Key]:
-            keys = c.execute("SELECT tenant, message_id FROM runs WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)).fetchall()
+            keys = c.execute(
+                "SELECT tenant, message_id FROM runs WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
+            ).fetchall()
             c.executemany("DELETE FROM events WHERE tenant = ? AND message_id = ?", keys)
             c.executemany("DELETE FROM runs WHERE tenant = ? AND message_id = ?", keys)
             return [tuple(k) for k in keys]
@@ -264,7 +274,9 @@ class SQLiteStore(StreamStore):
         return [Event(seq, type_, None, bytes(data)) for seq, type_, data in rows]
 
     async def _last_seq(self, key: Key) -> int:
-        row = await self._read(lambda c: c.execute("SELECT MAX(seq) FROM events WHERE tenant = ? AND message_id = ?", key).fetchone())
+        row = await self._read(
+            lambda c: c.execute("SELECT MAX(seq) FROM events WHERE tenant = ? AND message_id = ?", key).fetchone()
+        )
         return row[0] or 0
 
     async def _last_event(self, key: Key) -> Event | None:
