@@ -423,7 +423,7 @@ class ModelInfo(BaseModel):
     provider: str
     aliases: list[str]
     default: bool
-    max_concurrency: int
+    max_concurrency: int | None  # null: no limit
 
 
 class ModelList(BaseModel):

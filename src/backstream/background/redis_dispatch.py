@@ -20,6 +20,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from ..config import Settings
+from ..model_table import UNLIMITED
 from ..redis_keys import RedisKeys, member, split_member
 from ..statuses import FinishReason
 from ..store import RunRecord
@@ -77,7 +78,7 @@ class RedisDispatcher:
         self.redis = store.redis
         self.keys = keys
         self.lease_ms = int(settings.redis.lease_s * 1000)
-        self.capacity = {m.name: m.max_concurrency for m in settings.models}
+        self.capacity = {m.name: m.max_concurrency or UNLIMITED for m in settings.models}
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None

@@ -45,7 +45,8 @@ class LocalProvider(Provider):
         self._server: Any = None
         self._load_lock = threading.Lock()
         # One thread per llama.cpp slot: each blocking call streams one generation.
-        self._pool = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix=f"local-{config.name}")
+        self.parallel = config.max_concurrency or 1
+        self._pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix=f"local-{config.name}")
 
     @property
     def path(self) -> Path | None:
@@ -69,8 +70,8 @@ class LocalProvider(Provider):
                     raise UpstreamError(UPSTREAM, problem)
                 p = xllamacpp.CommonParams()
                 p.model.path = str(self.path)
-                p.n_ctx = self.config.n_ctx * self.config.max_concurrency
-                p.n_parallel = self.config.max_concurrency
+                p.n_ctx = self.config.n_ctx * self.parallel
+                p.n_parallel = self.parallel
                 threads = self.config.threads or max(1, os.cpu_count() or 1)
                 p.cpuparams.n_threads = threads
                 p.cpuparams_batch.n_threads = threads
