@@ -102,6 +102,13 @@ lock() {
         --custom-compile-command './dev.sh lock' -o "$LOCK" -q "$@"
 }
 
+# The browser test drives Debian's chromium through Playwright (a downloaded browser never works here).
+ensure_chromium() {
+    command -v chromium >/dev/null && return
+    command -v apt-get >/dev/null || { echo "dev.sh: the browser test needs chromium on PATH" >&2; return; }
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+}
+
 ensure_redis() {
     if "$VENV/bin/python" - <<'PY' 2>/dev/null; then return; fi
 import redis; redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1).ping()
@@ -127,6 +134,7 @@ case "$cmd" in
     test)
         ensure_venv
         ensure_redis
+        ensure_chromium
         exec "$VENV/bin/python" -m pytest -q "$@"
         ;;
     check)

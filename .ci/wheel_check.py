@@ -1,7 +1,7 @@
 """Checks for a built wheel, with the standard library only.
 
-  wheel_check.py contents WHEEL SRC_PACKAGE_DIR   every run-time file of the package is in the wheel
-  wheel_check.py serve BACKSTREAM_EXE WORKDIR     `backstream serve` answers a streamed local-model request
+wheel_check.py contents WHEEL SRC_PACKAGE_DIR   every run-time file of the package is in the wheel
+wheel_check.py serve BACKSTREAM_EXE WORKDIR     `backstream serve` answers a streamed local-model request
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ def serve(exe: str, workdir: str) -> None:
     port = free_port()
     log = open(Path(workdir) / "server.log", "wb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKSTREAM_")}  # defaults only
-    proc = subprocess.Popen([exe, "serve", "--port", str(port)], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [exe, "serve", "--port", str(port)], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         wait_ready(port, proc)
         events = stream_events(port)

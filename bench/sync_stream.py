@@ -12,6 +12,8 @@ connection per client, a hand-written request and a hand-written chunked/SSE par
 
     python bench/sync_stream.py            # C=64, 3 x (8 s A + 8 s B), about a minute
     python bench/sync_stream.py --quick    # smoke run: C=8, 2 s, 1 round each
+    python bench/sync_stream.py --dialect all   # also rounds in each wire dialect (Anthropic,
+                                                # OpenAI chat, OpenAI responses) against native A
 
 The last line is `RESULT {json}` with every number printed above it. The exit status
 is 1 when any request failed or any stream came back short (the numbers are then
@@ -61,8 +63,13 @@ _loads = orjson.loads
 
 BACKSTREAM = "backstream"
 DIRECT = "direct"
+# Wire dialects: the same run through Backstream, answered in a foreign format.
+DIALECTS = ("anthropic", "chat", "responses")
+# How each side's response is read: which SSE events carry a token and which one ends the stream.
+MODE = {BACKSTREAM: "native", DIRECT: "openai", "anthropic": "anthropic", "chat": "openai", "responses": "responses"}
 
 GOALS = {
+    "dialect_cpu_overhead_ms": ("<=", 0.5),  # a dialect's server CPU per request minus native's
     "throughput_ratio": (">=", 0.9),
     "ttft_p99_overhead_ms": ("<", 10.0),
     "cpu_ms_per_request": ("<=", 4.0),
@@ -87,13 +94,14 @@ def goal_text(name: str) -> str:
 # ------------------------------------------------------------------ requests
 
 
-def build_request(path: str, port: int, body: dict[str, Any]) -> bytes:
+def build_request(path: str, port: int, body: dict[str, Any], extra_headers: str = "") -> bytes:
     payload = orjson.dumps(body)
     head = (
         f"POST {path} HTTP/1.1\r\n"
         f"Host: {HOST}:{port}\r\n"
         "Content-Type: application/json\r\n"
         "Accept: text/event-stream\r\n"
+        f"{extra_headers}"
         f"Content-Length: {len(payload)}\r\n"
         "\r\n"
     )
@@ -169,7 +177,36 @@ async def _drain_error_body(conn: Conn, head: bytes) -> bool:
     return b"connection: close" not in lower
 
 
-async def do_request(conn: Conn, request: bytes, backstream: bool, expected: int) -> tuple[Sample, bool]:
+def _sse_field(ev: bytes, name: bytes) -> bytes | None:
+    k = ev.find(name)
+    if k < 0:
+        return None
+    nl = ev.find(b"\n", k)
+    return ev[k + len(name) : nl if nl >= 0 else len(ev)]
+
+
+def scan_dialect(mode: str, ev: bytes) -> tuple[int, bool, str]:
+    """One SSE event of a dialect stream: (tokens in it, whether it ends the stream well, a problem)."""
+    etype = _sse_field(ev, b"event: ")
+    if etype is None:
+        return 0, False, ""  # ": keepalive" comment
+    if mode == "anthropic":
+        if etype == b"content_block_delta":
+            d = _loads(_sse_field(ev, b"data: ") or b"{}")
+            return (1 if d["delta"].get("text") else 0), False, ""
+        if etype == b"message_delta":
+            d = _loads(_sse_field(ev, b"data: ") or b"{}")
+            reason = d["delta"]["stop_reason"]
+            return 0, reason == "end_turn", "" if reason == "end_turn" else f"stop_reason {reason}"
+        return 0, False, "error event" if etype == b"error" else ""
+    if etype == b"response.output_text.delta":
+        return (1 if _loads(_sse_field(ev, b"data: ") or b"{}").get("delta") else 0), False, ""
+    if etype in (b"response.completed", b"response.failed", b"response.incomplete"):
+        return 0, etype == b"response.completed", "" if etype == b"response.completed" else etype.decode()
+    return 0, False, ""
+
+
+async def do_request(conn: Conn, request: bytes, mode: str, expected: int) -> tuple[Sample, bool]:
     """Send one streamed request and read its response to the end. Returns (sample, reusable)."""
     buf = conn.buf
     reader_read = conn.reader.read
@@ -224,7 +261,14 @@ async def do_request(conn: Conn, request: bytes, backstream: bool, expected: int
             events = text.split(b"\n\n")
             pending = events.pop()
             for ev in events:
-                if backstream:
+                if mode in ("anthropic", "responses"):
+                    n, well, bad = scan_dialect(mode, ev)
+                    if n and t_first is None:
+                        t_first = now
+                    tokens += n
+                    ended = ended or well
+                    problem = problem or bad
+                elif mode == "native":
                     # "id: N\nevent: TYPE\ndata: {...}"
                     k = ev.find(b"event: ")
                     if k < 0:
@@ -321,7 +365,7 @@ async def run_round(
     drain_timeout: float = 30.0,
 ) -> RoundResult:
     """C clients on C keep-alive connections; starts staggered over `stagger_s`, then a `seconds` window."""
-    backstream = side == BACKSTREAM
+    mode = MODE[side]
     gc.collect()
     cpu0 = {name: proc_cpu_s(pid) for name, pid in watch.items()}
     busy0 = machine_busy()
@@ -341,7 +385,7 @@ async def run_round(
         try:
             while perf() < hi:
                 try:
-                    sample, reusable = await do_request(conn, request, backstream, expected)
+                    sample, reusable = await do_request(conn, request, mode, expected)
                 except (ProtocolError, ConnectionError, OSError, ValueError) as exc:
                     errors[f"{type(exc).__name__}: {exc}"] += 1
                     reusable = False
@@ -555,6 +599,37 @@ def summarise_profile(path: Path, top: int = 18) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------ wire dialects
+
+
+def dialect_request(dialect: str, port: int, max_tokens: int, messages: list[dict[str, Any]]) -> bytes:
+    """The same request as native A, in a dialect's wire format."""
+    if dialect == "anthropic":
+        body = {"model": "fake", "max_tokens": max_tokens, "messages": messages, "stream": True}
+        return build_request("/v1/messages", port, body, "anthropic-version: 2023-06-01\r\n")
+    if dialect == "chat":
+        body = {"model": "fake", "max_tokens": max_tokens, "messages": messages, "stream": True}
+        return build_request("/v1/chat/completions", port, body)
+    body = {"model": "fake", "max_output_tokens": max_tokens, "input": messages, "stream": True}
+    return build_request("/v1/responses", port, body)
+
+
+def dialect_report(
+    results: list[RoundResult], dialects: list[str], native_cpu: float
+) -> tuple[list[list[Any]], dict[str, Any]]:
+    """Per dialect: throughput, server CPU per request and its difference from the native format."""
+    rows, out = [], {}
+    for d in dialects:
+        rounds = [r for r in results if r.side == d]
+        stats = side_stats(rounds)
+        cpu = cpu_ms_per_request(rounds, "server")
+        overhead = cpu - native_cpu
+        met = goal_met("dialect_cpu_overhead_ms", overhead)
+        rows.append([d, stats["requests_per_s"], cpu, overhead, goal_text("dialect_cpu_overhead_ms"), met])
+        out[d] = {**stats, "cpu_ms_per_request": cpu, "cpu_overhead_ms": overhead, "goal_met": met}
+    return rows, out
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -591,6 +666,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--py-spy-rate", type=int, default=100, help="py-spy samples per second (default 100)")
     ap.add_argument("--py-spy-native", action="store_true", help="with --py-spy: sample native (C) frames too")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, server log)")
+    ap.add_argument(
+        "--dialect",
+        choices=["native", *DIALECTS, "all"],
+        default="native",
+        help="also run rounds through a wire dialect (or all three), compared with the native format (default native)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.concurrency, args.seconds, args.rounds, args.warmup, args.startups = 8, 2.0, 1, 0.5, 1
@@ -650,6 +731,9 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         target = {BACKSTREAM: (server.port, bs_request), DIRECT: (fake.port, direct_request)}
+        dialects = list(DIALECTS) if args.dialect == "all" else [d for d in DIALECTS if d == args.dialect]
+        target.update({d: (server.port, dialect_request(d, server.port, max_tokens, messages)) for d in dialects})
+        sides = [BACKSTREAM, *dialects, DIRECT]
         watch = {"server": server.pid, "fake": fake.pid}
         # Stagger client starts over one ideal request duration so they do not march in lockstep.
         ideal_s = (args.ttft_ms + max(0, args.tokens - 1) * args.delay_ms) / 1000
@@ -664,11 +748,11 @@ def main(argv: list[str] | None = None) -> int:
 
         async def run_all() -> None:
             if args.warmup > 0:
-                for side in (BACKSTREAM, DIRECT):
+                for side in sides:
                     port, req = target[side]
                     await run_round(side, -1, port, req, args.concurrency, args.warmup, stagger, args.tokens, watch)
             for i in range(args.rounds):
-                for side in (BACKSTREAM, DIRECT):
+                for side in sides:
                     port, req = target[side]
                     if spy and side == BACKSTREAM and i == 0:
                         spy.start()
@@ -794,6 +878,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(table(["metric", "value", "goal", "met"], rows, align="lrll"))
 
+    dialect_rows, dialect_results = dialect_report(results, dialects, cpu_bs)
+    if dialect_rows:
+        print("\nwire dialects, each against native A in the same rounds:")
+        print(
+            table(
+                ["side", "req/s", "server CPU ms/req", "minus native, ms", "goal", "met"], dialect_rows, align="lrrrll"
+            )
+        )
+
     errs = error_summary(results)
     if errs:
         print("\nerrors:")
@@ -824,7 +917,8 @@ def main(argv: list[str] | None = None) -> int:
         "rss_after_run_mb": rss_after,
         "startup_s": startup,
         "startup_samples_s": startups,
-        "errors": sa["errors"] + sb["errors"],
+        "dialects": dialect_results,
+        "errors": sa["errors"] + sb["errors"] + sum(d["errors"] for d in dialect_results.values()),
         "short_streams": sa["short_streams"] + sb["short_streams"],
         "goals_met": {
             "throughput_ratio": goal_met("throughput_ratio", ratio),

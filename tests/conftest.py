@@ -79,7 +79,9 @@ def http(server: ServerProcess) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session", params=["memory", "sqlite", "redis"])
-def bg_server(request: pytest.FixtureRequest, fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def bg_server(
+    request: pytest.FixtureRequest, fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """A server per store backend, for the background-run suite."""
     tmp = tmp_path_factory.mktemp(f"bg-{request.param}")
     config: dict[str, Any] = {"store": request.param, "models": fake_models(fake), "keepalive_s": 1}

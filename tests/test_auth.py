@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -44,11 +43,23 @@ class Idp:
         self.ec = ec.generate_private_key(ec.SECP256R1())
         self.other = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # not in the JWKS
         self.jwks_path = tmp / "jwks.json"
-        self.jwks_path.write_bytes(jwks_from_public_keys([("rsa1", self.rsa.public_key(), "RS256"), ("ec1", self.ec.public_key(), "ES256")]))
+        self.jwks_path.write_bytes(
+            jwks_from_public_keys([("rsa1", self.rsa.public_key(), "RS256"), ("ec1", self.ec.public_key(), "ES256")])
+        )
 
-    def token(self, *, tenants: Any = ("acme",), key: Any = None, alg: str = "RS256", kid: str = "rsa1", **claims: Any) -> str:
+    def token(
+        self, *, tenants: Any = ("acme",), key: Any = None, alg: str = "RS256", kid: str = "rsa1", **claims: Any
+    ) -> str:
         now = int(time.time())
-        body = {"iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "iat": now, "exp": now + 300, "tenants": list(tenants), **claims}
+        body = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": "user-1",
+            "iat": now,
+            "exp": now + 300,
+            "tenants": list(tenants),
+            **claims,
+        }
         body = {k: v for k, v in body.items() if v is not None}
         tok = jwt.encode(body, key if key is not None else self.rsa, algorithm=alg, headers={"kid": kid})
         SECRETS.add(tok)
@@ -57,8 +68,10 @@ class Idp:
     def unsigned(self, **claims: Any) -> str:
         """alg: none."""
         now = int(time.time())
+
         def b64(d: dict[str, Any]) -> str:
             return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
         body = {"iss": ISSUER, "aud": AUDIENCE, "sub": "x", "exp": now + 300, "tenants": ["acme"], **claims}
         tok = f"{b64({'alg': 'none', 'typ': 'JWT', 'kid': 'rsa1'})}.{b64(body)}."
         SECRETS.add(tok)
@@ -66,13 +79,21 @@ class Idp:
 
     def hs_confusion(self) -> str:
         """HS256 'signed' with the RSA public key as the HMAC secret."""
-        public_pem = self.rsa.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        public_pem = self.rsa.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         now = int(time.time())
-        header = base64.urlsafe_b64encode(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "rsa1"}).encode()).rstrip(b"=")
-        body = base64.urlsafe_b64encode(json.dumps({"iss": ISSUER, "aud": AUDIENCE, "exp": now + 300, "tenants": ["globex"]}).encode()).rstrip(b"=")
+        header = base64.urlsafe_b64encode(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "rsa1"}).encode()).rstrip(
+            b"="
+        )
+        body = base64.urlsafe_b64encode(
+            json.dumps({"iss": ISSUER, "aud": AUDIENCE, "exp": now + 300, "tenants": ["globex"]}).encode()
+        ).rstrip(b"=")
         import hmac as _hmac
 
-        sig = base64.urlsafe_b64encode(_hmac.new(public_pem, header + b"." + body, hashlib.sha256).digest()).rstrip(b"=")
+        sig = base64.urlsafe_b64encode(_hmac.new(public_pem, header + b"." + body, hashlib.sha256).digest()).rstrip(
+            b"="
+        )
         tok = (header + b"." + body + b"." + sig).decode()
         SECRETS.add(tok)
         return tok
@@ -87,7 +108,12 @@ def auth_config(fake: FakeUpstream, idp: Idp, **extra: Any) -> dict[str, Any]:
                 {"name": "a", "sha256": sha(KEY_A), "tenants": ["acme"]},
                 {"name": "b", "sha256": sha(KEY_B), "tenants": ["globex"]},
                 {"name": "all", "sha256": sha(KEY_ALL), "tenants": ["*"], "default_tenant": "acme"},
-                {"name": "limited", "sha256": sha(KEY_LIMITED), "tenants": ["lim"], "limits": {"requests_per_minute": 4, "max_active_runs": 1}},
+                {
+                    "name": "limited",
+                    "sha256": sha(KEY_LIMITED),
+                    "tenants": ["lim"],
+                    "limits": {"requests_per_minute": 4, "max_active_runs": 1},
+                },
             ],
             "jwt": {"jwks_file": str(idp.jwks_path), "issuer": ISSUER, "audience": AUDIENCE, "leeway_s": 0},
         },
@@ -132,7 +158,12 @@ def endpoints(mid: str) -> list[tuple[str, str, dict[str, Any] | None]]:
 def test_rejections_matrix_changes_nothing(secured: ServerProcess, fake: FakeUpstream, idp: Idp) -> None:
     fake.script("gpt-up", [Reply(tokens=[f"t{i}" for i in range(300)], delay=0.02)])
     with secured.client() as c:
-        resp = c.post("/v1/messages/async", params={"message_id": "b-run"}, json={"model": "gpt", "messages": USER}, headers=bearer(KEY_B))
+        resp = c.post(
+            "/v1/messages/async",
+            params={"message_id": "b-run"},
+            json={"model": "gpt", "messages": USER},
+            headers=bearer(KEY_B),
+        )
         assert resp.status_code == 200, resp.text
         fake.wait_for_requests(1)
         now = int(time.time())
@@ -161,7 +192,7 @@ def test_rejections_matrix_changes_nothing(secured: ServerProcess, fake: FakeUps
                     assert resp.headers["www-authenticate"].startswith("Bearer")
         # Valid credentials of tenant A: B's run does not exist for them.
         for headers in (bearer(KEY_A), bearer(idp.token(tenants=["acme"]))):
-            for method, path, body in endpoints("b-run")[2:7]:
+            for method, path, _body in endpoints("b-run")[2:7]:
                 resp = c.request(method, path, headers=headers)
                 assert resp.status_code == 404, (method, path, resp.text)
         assert len(fake.requests) == 1, "no rejected request reached the upstream"
@@ -173,11 +204,18 @@ def test_rejections_matrix_changes_nothing(secured: ServerProcess, fake: FakeUps
 def test_valid_credentials_and_default_tenants(secured: ServerProcess, fake: FakeUpstream, idp: Idp) -> None:
     fake.script("gpt-up", [Reply(tokens=["ok"])])
     with secured.client() as c:
-        for headers in (bearer(KEY_A), bearer(idp.token()), bearer(idp.token(key=idp.ec, alg="ES256", kid="ec1")), bearer(KEY_ALL, "anything")):
+        for headers in (
+            bearer(KEY_A),
+            bearer(idp.token()),
+            bearer(idp.token(key=idp.ec, alg="ES256", kid="ec1")),
+            bearer(KEY_ALL, "anything"),
+        ):
             resp = c.post("/v1/messages", json={"model": "gpt", "max_tokens": 4, "messages": USER}, headers=headers)
             assert resp.status_code == 200, resp.text
         # the key for every tenant, without X-Tenant, acts for its default tenant (acme): it sees A's runs
-        mid = c.post("/v1/messages/async", json={"model": "gpt", "messages": USER}, headers=bearer(KEY_A)).json()["message_id"]
+        mid = c.post("/v1/messages/async", json={"model": "gpt", "messages": USER}, headers=bearer(KEY_A)).json()[
+            "message_id"
+        ]
         assert c.get(f"/v1/messages/async/{mid}/status", headers=bearer(KEY_ALL)).status_code == 200
         assert c.get(f"/v1/messages/async/{mid}/status", headers=bearer(KEY_ALL, "globex")).status_code == 404
         resp = c.get("/v1/models", headers=bearer(KEY_A, "bad tenant!"))
@@ -189,13 +227,22 @@ def test_same_custom_id_in_two_tenants(secured: ServerProcess, fake: FakeUpstrea
     fake.script("gpt-up", [Reply(tokens=["for", " a"]), Reply(tokens=["for", " b"])])
     with secured.client() as c:
         for key in (KEY_A, KEY_B):
-            resp = c.post("/v1/messages/async", params={"message_id": "shared"}, json={"model": "gpt", "messages": USER}, headers=bearer(key))
+            resp = c.post(
+                "/v1/messages/async",
+                params={"message_id": "shared"},
+                json={"model": "gpt", "messages": USER},
+                headers=bearer(key),
+            )
             assert resp.status_code == 200, resp.text
         texts = {}
         for key in (KEY_A, KEY_B):
             with c.stream("GET", "/v1/messages/async/shared/stream", headers=bearer(key)) as resp:
                 raw = resp.read().decode()
-            texts[key] = [json.loads(line[6:])["text"] for line in raw.splitlines() if line.startswith("data: ") and '"text"' in line]
+            texts[key] = [
+                json.loads(line[6:])["text"]
+                for line in raw.splitlines()
+                if line.startswith("data: ") and '"text"' in line
+            ]
         assert texts == {KEY_A: ["for a"], KEY_B: ["for b"]}
         assert c.delete("/v1/messages/async/shared", headers=bearer(KEY_A)).status_code == 204
         assert c.get("/v1/messages/async/shared/status", headers=bearer(KEY_B)).json()["status"] == "completed"
@@ -209,7 +256,9 @@ def test_rate_limit_then_accepted_again(secured: ServerProcess) -> None:
         resp = c.get("/v1/models", headers=bearer(KEY_LIMITED))
         assert resp.status_code == 429 and 1 <= int(resp.headers["retry-after"]) <= 4
         assert resp.json()["error"]["type"] == "rate_limit_error"
-        time.sleep(max(0.0, int(resp.headers["retry-after"]) - (time.time() - window_start) % 3))  # the window (3 s here) rolls over
+        time.sleep(
+            max(0.0, int(resp.headers["retry-after"]) - (time.time() - window_start) % 3)
+        )  # the window (3 s here) rolls over
         for _ in range(20):
             if c.get("/v1/models", headers=bearer(KEY_LIMITED)).status_code == 200:
                 break
@@ -242,7 +291,12 @@ def test_queued_run_limit_per_tenant(secured: ServerProcess, fake: FakeUpstream)
         assert a.status_code == 200
         b = c.post("/v1/messages/async", json={"model": "gpt-one", "messages": USER}, headers=h)
         assert b.status_code == 429 and "queued runs" in b.json()["error"]["message"]
-        assert c.post("/v1/messages/async", json={"model": "gpt-one", "messages": USER}, headers=bearer(KEY_ALL, "other-t")).status_code == 200
+        assert (
+            c.post(
+                "/v1/messages/async", json={"model": "gpt-one", "messages": USER}, headers=bearer(KEY_ALL, "other-t")
+            ).status_code
+            == 200
+        )
         c.delete(f"/v1/messages/async/{a.json()['message_id']}", headers=h)
 
 
@@ -261,29 +315,51 @@ def test_secrets_stay_out_of_status_and_events(secured: ServerProcess, fake: Fak
             raw = s.read()
         status = c.get(f"/v1/messages/async/{mid}/status", headers=bearer(KEY_A)).text
     frames = [f for f in raw.split(b"\n\n") if f.strip()]
-    assert all(f.count(b"\ndata: ") == 1 and f.startswith(b"id: ") for f in frames), "model output cannot split or inject frames"
+    assert all(f.count(b"\ndata: ") == 1 and f.startswith(b"id: ") for f in frames), (
+        "model output cannot split or inject frames"
+    )
     assert frames[-1].split(b"\n")[1] == b"event: stream_end" and raw.count(b"\nevent: stream_end\n") == 1
     assert token not in raw.decode() and token not in status and KEY_A not in status
 
 
 def test_non_loopback_without_auth_refuses_to_start(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "backstream", "serve", "--host", "0.0.0.0", "--port", str(free_port()), "--data-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "backstream",
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(free_port()),
+        "--data-dir",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert "without authentication" in proc.stderr and "--insecure-no-auth" in proc.stderr
-    srv = ServerProcess(tmp_path, {"host": "0.0.0.0", "insecure_no_auth": True, "store": "memory"}, name="insecure").start()
+    srv = ServerProcess(
+        tmp_path, {"host": "0.0.0.0", "insecure_no_auth": True, "store": "memory"}, name="insecure"
+    ).start()
     srv.stop()
 
 
 def test_keys_new_prints_a_working_key(tmp_path: Path, fake: FakeUpstream) -> None:
-    out = subprocess.run([sys.executable, "-m", "backstream", "keys", "new", "--tenant", "t1", "--name", "fresh"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "backstream", "keys", "new", "--tenant", "t1", "--name", "fresh"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     key = out.split("store it now): ", 1)[1].split()[0]
     SECRETS.add(key)
     import yaml
 
     entry = yaml.safe_load(out.strip().splitlines()[-1].strip()[2:])
     assert entry["sha256"] == sha(key) and entry["tenants"] == ["t1"]
-    srv = ServerProcess(tmp_path, {"store": "memory", "models": fake_models(fake), "auth": {"api_keys": [entry]}}, name="keys").start()
+    srv = ServerProcess(
+        tmp_path, {"store": "memory", "models": fake_models(fake), "auth": {"api_keys": [entry]}}, name="keys"
+    ).start()
     try:
         with srv.client() as c:
             assert c.get("/v1/models", headers=bearer(key)).status_code == 200
@@ -311,7 +387,11 @@ def test_jwks_url_is_fetched(tmp_path: Path, fake: FakeUpstream, idp: Idp) -> No
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     config = auth_config(fake, idp)
-    config["auth"]["jwt"] = {"jwks_url": f"http://127.0.0.1:{httpd.server_address[1]}/jwks.json", "issuer": ISSUER, "audience": AUDIENCE}
+    config["auth"]["jwt"] = {
+        "jwks_url": f"http://127.0.0.1:{httpd.server_address[1]}/jwks.json",
+        "issuer": ISSUER,
+        "audience": AUDIENCE,
+    }
     srv = ServerProcess(tmp_path, config, name="jwks-url").start()
     try:
         with srv.client() as c:

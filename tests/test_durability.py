@@ -63,7 +63,9 @@ def test_kill_9_mid_stream_then_restart(fake: FakeUpstream, tmp_server: Any) -> 
 
 def test_graceful_stop_ends_running_runs_and_keeps_queued_ones(fake: FakeUpstream, tmp_server: Any) -> None:
     srv = tmp_server("graceful", store="sqlite")
-    fake.script("gpt-one-up", [Reply(tokens=[f"t{i}" for i in range(400)], delay=0.02), Reply(tokens=["queued", " one"])])
+    fake.script(
+        "gpt-one-up", [Reply(tokens=[f"t{i}" for i in range(400)], delay=0.02), Reply(tokens=["queued", " one"])]
+    )
     with srv.client() as c:
         mid = start(c, model="gpt-one")
         watch_first(c, mid, 5)

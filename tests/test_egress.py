@@ -95,7 +95,9 @@ class _Recording(httpcore2.AsyncNetworkBackend):
     def __init__(self) -> None:
         self.hosts: list[str] = []
 
-    async def connect_tcp(self, host: str, port: int, timeout: Any = None, local_address: Any = None, socket_options: Any = None) -> Any:
+    async def connect_tcp(
+        self, host: str, port: int, timeout: Any = None, local_address: Any = None, socket_options: Any = None
+    ) -> Any:
         self.hosts.append(host)
         return httpcore2.AsyncMockStream([])
 
@@ -111,7 +113,9 @@ async def test_rebinding_name_connects_only_to_the_checked_address(monkeypatch: 
     assert inner.hosts == ["8.8.8.8"]
 
 
-async def test_pinned_transport_keeps_the_name_for_tls_and_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+async def test_pinned_transport_keeps_the_name_for_tls_and_host(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     server_ctx, client_ctx = self_signed(tmp_path)  # a certificate for "localhost" only
     resolver = _Resolver(monkeypatch, "localhost", ["127.0.0.1"])
     hosts: list[bytes] = []
@@ -156,7 +160,9 @@ async def test_lean_transport_with_egress_connects_to_the_checked_address(monkey
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with httpx2.AsyncClient(transport=LeanTransport(egress=EgressSettings(allow_hosts=[f"localhost:{port}"]))) as client:
+        async with httpx2.AsyncClient(
+            transport=LeanTransport(egress=EgressSettings(allow_hosts=[f"localhost:{port}"]))
+        ) as client:
             assert (await client.get(f"http://localhost:{port}/x")).text == "ok"
         assert resolver.lookups == 1 and [h.lower() for h in hosts] == [f"host: localhost:{port}".encode()]
         async with httpx2.AsyncClient(transport=LeanTransport(egress=EgressSettings())) as client:

@@ -97,7 +97,8 @@ def test_openai_stream_text_reasoning_usage(fake: FakeUpstream, oai: openai.Open
     kinds = [
         "r" if (ch.choices[0].delta.model_extra or {}).get("reasoning_content") else "t"
         for ch in chunks
-        if ch.choices and (ch.choices[0].delta.content or (ch.choices[0].delta.model_extra or {}).get("reasoning_content"))
+        if ch.choices
+        and (ch.choices[0].delta.content or (ch.choices[0].delta.model_extra or {}).get("reasoning_content"))
     ]
     assert kinds == ["r", "r", "t", "t", "t"]
 
@@ -270,8 +271,13 @@ def test_script_sequence_then_repeat_last(fake: FakeUpstream, oai: openai.OpenAI
         oai.chat.completions.create(model="seq", messages=MSGS, stream=True)
     out = []
     for _ in range(3):
-        out.append("".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(
-            model="seq", messages=MSGS, stream=True) if c.choices))
+        out.append(
+            "".join(
+                c.choices[0].delta.content or ""
+                for c in oai.chat.completions.create(model="seq", messages=MSGS, stream=True)
+                if c.choices
+            )
+        )
     assert out == ["first", "again", "again"]
     recs = fake.wait_for_requests(4)
     assert [r.status for r in recs] == [429, 200, 200, 200]
@@ -333,10 +339,9 @@ def test_drop_mid_stream_openai(fake: FakeUpstream, oai: openai.OpenAI):
 def test_drop_mid_stream_anthropic(fake: FakeUpstream, ant: anthropic.Anthropic):
     fake.script("drop-a", Reply(tokens=["a", "b", "c"], fault=Fault.DROP, fault_after=1))
     got = []
-    with pytest.raises(Exception) as ei:
-        with ant.messages.stream(model="drop-a", max_tokens=10, messages=MSGS) as s:
-            for t in s.text_stream:
-                got.append(t)
+    with pytest.raises(Exception) as ei, ant.messages.stream(model="drop-a", max_tokens=10, messages=MSGS) as s:
+        for t in s.text_stream:
+            got.append(t)
     assert got == ["a"]
     # This SDK version lets the transport error through unwrapped.
     assert isinstance(ei.value, (httpx2.TransportError, anthropic.APIConnectionError)), repr(ei.value)

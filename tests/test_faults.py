@@ -49,7 +49,9 @@ def test_kill_between_stream_end_and_status_keeps_one_stream_end(fake: FakeUpstr
     srv.kill()
     # The state that kill leaves behind, written into the real file: the log ends, the status does not.
     db = sqlite3.connect(tmp_path / "faults-sqlite-data" / "backstream.db")
-    db.execute("UPDATE runs SET status = 'processing', completed_at = NULL, expires_at = NULL WHERE message_id = ?", (mid,))
+    db.execute(
+        "UPDATE runs SET status = 'processing', completed_at = NULL, expires_at = NULL WHERE message_id = ?", (mid,)
+    )
     db.commit()
     db.close()
     srv.start()
@@ -168,7 +170,9 @@ def test_takeover_by_a_replica_that_watched_the_run(fake: FakeUpstream, tmp_path
             b.stop()
 
 
-def test_one_failed_takeover_does_not_strand_the_others(fake: FakeUpstream, tmp_path: Path, prefix: str, rdb: redis.Redis) -> None:
+def test_one_failed_takeover_does_not_strand_the_others(
+    fake: FakeUpstream, tmp_path: Path, prefix: str, rdb: redis.Redis
+) -> None:
     a = replica(fake, tmp_path, prefix, "reap-a").start()
     b = None
     try:
@@ -185,7 +189,9 @@ def test_one_failed_takeover_does_not_strand_the_others(fake: FakeUpstream, tmp_
         with b.client() as cb:
             for mid in ids[1:]:
                 check_run(cb, mid, timeout=LEASE_S + 5)
-            assert rdb.zscore(f"{prefix}:running:{{gpt}}", f"{TENANT}/{broken}") is not None, "its lease is kept for a retry"
+            assert rdb.zscore(f"{prefix}:running:{{gpt}}", f"{TENANT}/{broken}") is not None, (
+                "its lease is kept for a retry"
+            )
             rdb.hset(meta_key(prefix, broken), "priority", "0")
             check_run(cb, broken, timeout=2 * LEASE_S + 5)
             assert rdb.zcard(f"{prefix}:running:{{gpt}}") == 0
@@ -195,7 +201,9 @@ def test_one_failed_takeover_does_not_strand_the_others(fake: FakeUpstream, tmp_
             b.stop()
 
 
-def test_log_that_ended_is_finished_by_the_takeover(fake: FakeUpstream, tmp_path: Path, prefix: str, rdb: redis.Redis) -> None:
+def test_log_that_ended_is_finished_by_the_takeover(
+    fake: FakeUpstream, tmp_path: Path, prefix: str, rdb: redis.Redis
+) -> None:
     """A replica that died (or paused) after its stream_end but before the status: the takeover only finishes the status."""
     a = replica(fake, tmp_path, prefix, "ended-a").start()
     try:
@@ -212,7 +220,9 @@ def test_log_that_ended_is_finished_by_the_takeover(fake: FakeUpstream, tmp_path
         a.stop()
 
 
-def test_paused_replica_resumes_fenced_out_and_serves_the_real_log(fake: FakeUpstream, tmp_path: Path, prefix: str) -> None:
+def test_paused_replica_resumes_fenced_out_and_serves_the_real_log(
+    fake: FakeUpstream, tmp_path: Path, prefix: str
+) -> None:
     a = replica(fake, tmp_path, prefix, "zombie-a").start()
     b = None
     try:
@@ -293,7 +303,9 @@ def test_sigterm_hands_unstarted_runs_to_a_peer_at_once(fake: FakeUpstream, tmp_
 # --- Redis itself dies ------------------------------------------------------------------------------
 
 
-def test_redis_down_at_the_first_status_write_never_completes_an_empty_log(fake: FakeUpstream, tmp_path: Path, prefix: str) -> None:
+def test_redis_down_at_the_first_status_write_never_completes_an_empty_log(
+    fake: FakeUpstream, tmp_path: Path, prefix: str
+) -> None:
     own = OwnRedis(tmp_path).start()
     srv = None
     try:
@@ -324,11 +336,17 @@ def test_redis_outage_answers_503_and_recovers_promptly(fake: FakeUpstream, tmp_
             mid = start(c)
             check_run(c, mid)
             own.kill()
-            for method, path in (("POST", "/v1/messages/async"), ("GET", f"/v1/messages/async/{mid}/status"), ("GET", f"/v1/messages/async/{mid}/stream")):
+            for method, path in (
+                ("POST", "/v1/messages/async"),
+                ("GET", f"/v1/messages/async/{mid}/status"),
+                ("GET", f"/v1/messages/async/{mid}/stream"),
+            ):
                 resp = c.request(method, path, json={"model": "gpt", "messages": USER} if method == "POST" else None)
                 assert resp.status_code == 503, (path, resp.text)
                 body = resp.json()
-                assert resp.headers["retry-after"] and body["error"]["type"] == "overloaded_error" and body["request_id"]
+                assert (
+                    resp.headers["retry-after"] and body["error"]["type"] == "overloaded_error" and body["request_id"]
+                )
             own.start()
             back = time.monotonic()
             while c.get(f"/v1/messages/async/{mid}/status").status_code != 200:

@@ -37,7 +37,9 @@ def guarded(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "models": [*fake_models(fake), {"name": "broken", "provider": "local", "path": SECRET_PATH}],
         "http": {"max_header_bytes": MAX_HEAD, "head_timeout_s": 1, "body_read_timeout_s": 1, "keepalive_timeout_s": 1},
         "cors": {"allow_origins": [ORIGIN]},
-        "auth": {"api_keys": [{"name": "web", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenants": ["acme"]}]},
+        "auth": {
+            "api_keys": [{"name": "web", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenants": ["acme"]}]
+        },
     }
     srv = ServerProcess(tmp_path_factory.mktemp("guarded"), config, name="guarded").start()
     yield srv
@@ -185,7 +187,11 @@ def test_idle_keepalive_connection_closed(guarded: ServerProcess) -> None:
 
 def test_stalled_body_answered_408_trickling_body_read(guarded: ServerProcess) -> None:
     with connect(guarded) as sock:
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: t\r\nauthorization: Bearer " + KEY.encode() + b"\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"max_")
+        sock.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nhost: t\r\nauthorization: Bearer "
+            + KEY.encode()
+            + b'\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"max_'
+        )
         started = time.monotonic()
         status, _, body = read_response(sock)
         assert status == 408 and orjson.loads(body)["error"]["type"] == "timeout_error"
@@ -194,7 +200,11 @@ def test_stalled_body_answered_408_trickling_body_read(guarded: ServerProcess) -
     # The timeout is per read: a body that trickles in for longer than it in all is still read.
     body = b"[1,2]"
     with connect(guarded) as sock:
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: t\r\nauthorization: Bearer " + KEY.encode() + b"\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nhost: t\r\nauthorization: Bearer "
+            + KEY.encode()
+            + b"\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\n"
+        )
         for i in range(len(body)):  # 0.35 s per byte: longer than the 1 s timeout in all, never between reads
             time.sleep(0.35)
             sock.sendall(body[i : i + 1])
@@ -219,7 +229,11 @@ def _hold_connection(srv: ServerProcess) -> socket.socket:
 def test_connections_beyond_max_refused_cleanly_streams_unaffected(capped: ServerProcess, fake: FakeUpstream) -> None:
     fake.script("gpt-up", [Reply(tokens=[f"t{i}" for i in range(10)], delay=0.05)])
     with httpx.Client(base_url=capped.url, timeout=10) as stream_client:
-        with stream_client.stream("POST", "/v1/messages", json={"model": "gpt", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as streaming:
+        with stream_client.stream(
+            "POST",
+            "/v1/messages",
+            json={"model": "gpt", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        ) as streaming:
             assert streaming.status_code == 200
             holders = [_hold_connection(capped) for _ in range(MAX_CONNECTIONS - 1)]
             with connect(capped) as extra:
@@ -232,7 +246,9 @@ def test_connections_beyond_max_refused_cleanly_streams_unaffected(capped: Serve
             assert read_response(holders[0])[0] == 200
             frames = parse_sse(streaming.read())
     assert frames[-1]["event"] == "stream_end" and frames[-1]["data"]["finish_reason"] == "Stop"
-    assert "".join(f["data"]["delta"] for f in frames if f["event"] == "text_delta") == "".join(f"t{i}" for i in range(10))
+    assert "".join(f["data"]["delta"] for f in frames if f["event"] == "text_delta") == "".join(
+        f"t{i}" for i in range(10)
+    )
     holders.pop().close()
     _hold_connection(capped).close()  # room again once one closed
     for sock in holders:
@@ -248,7 +264,11 @@ def test_security_headers_and_no_server_banner(guarded: ServerProcess, fake: Fak
             c.get("/v1/models", headers=AUTH),
             c.get("/v1/models"),  # 401
             c.get("/nope"),  # 404
-            c.post("/v1/messages", headers=AUTH, json={"model": "gpt", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
+            c.post(
+                "/v1/messages",
+                headers=AUTH,
+                json={"model": "gpt", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+            ),
         ]
     assert [r.status_code for r in responses] == [200, 200, 401, 404, 200]
     assert responses[-1].headers["content-type"].startswith("text/event-stream")
@@ -270,13 +290,22 @@ def test_readyz_names_component_without_internals(guarded: ServerProcess) -> Non
 def test_cors_preflight_before_auth_and_headers_exposed(guarded: ServerProcess, capped: ServerProcess) -> None:
     asked = "authorization, content-type, x-tenant, last-event-id, x-request-id"
     with guarded.client() as c:
-        pre = c.options("/v1/messages", headers={"origin": ORIGIN, "access-control-request-method": "POST", "access-control-request-headers": asked})
+        pre = c.options(
+            "/v1/messages",
+            headers={
+                "origin": ORIGIN,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": asked,
+            },
+        )
         assert pre.status_code == 200
         assert pre.headers["access-control-allow-origin"] == ORIGIN
         allowed = {h.strip().lower() for h in pre.headers["access-control-allow-headers"].split(",")}
         assert {h.strip() for h in asked.split(",")} <= allowed
         assert "access-control-allow-credentials" not in pre.headers
-        foreign = c.options("/v1/messages", headers={"origin": "https://evil.example", "access-control-request-method": "POST"})
+        foreign = c.options(
+            "/v1/messages", headers={"origin": "https://evil.example", "access-control-request-method": "POST"}
+        )
         assert "access-control-allow-origin" not in foreign.headers
         ok = c.get("/v1/models", headers={**AUTH, "origin": ORIGIN})
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
@@ -284,7 +313,9 @@ def test_cors_preflight_before_auth_and_headers_exposed(guarded: ServerProcess, 
         denied = c.get("/v1/models", headers={"origin": ORIGIN})  # the browser may read the error too
         assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == ORIGIN
     # off by default
-    pre = httpx.options(capped.url + "/v1/messages", headers={"origin": ORIGIN, "access-control-request-method": "POST"})
+    pre = httpx.options(
+        capped.url + "/v1/messages", headers={"origin": ORIGIN, "access-control-request-method": "POST"}
+    )
     assert "access-control-allow-origin" not in pre.headers
 
 

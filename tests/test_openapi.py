@@ -34,7 +34,12 @@ HEADERS = {
 }
 STREAM_HEADERS = {"Last-Event-ID": {"type": "string", "pattern": "^[0-9]+$", "maxLength": 16}}
 # A valid key, or anything shaped like a JWT (the server verifies those against a JWKS).
-AUTHORIZATION = {"anyOf": [{"enum": [f"Bearer {KEY}"]}, {"type": "string", "pattern": "^Bearer [A-Za-z0-9_-]{1,60}\\.[A-Za-z0-9_-]{1,60}\\.[A-Za-z0-9_-]{0,60}$"}]}
+AUTHORIZATION = {
+    "anyOf": [
+        {"enum": [f"Bearer {KEY}"]},
+        {"type": "string", "pattern": "^Bearer [A-Za-z0-9_-]{1,60}\\.[A-Za-z0-9_-]{1,60}\\.[A-Za-z0-9_-]{0,60}$"},
+    ]
+}
 # Only `not_a_server_error` and the body shapes are checked with generated headers: an invalid
 # X-Request-Id is replaced rather than refused, and 401/403 are not in the served document.
 NEGATIVE_CHECKS = "not_a_server_error,response_schema_conformance"
@@ -50,10 +55,20 @@ def fuzzed(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "default_model": "gpt",
         # The document's examples name `local`: served by the fake upstream here, so that no fuzzed
         # request waits (past schemathesis' 10 s timeout) for the in-process model.
-        "models": [{"name": "local", "provider": "openai", "base_url": fake.base_url, "model": "gpt-up", "retries": 0}, *fake_models(fake)],
+        "models": [
+            {"name": "local", "provider": "openai", "base_url": fake.base_url, "model": "gpt-up", "retries": 0},
+            *fake_models(fake),
+        ],
         "auth": {
             # every tenant, so that generated X-Tenant values reach the endpoints instead of stopping at 403
-            "api_keys": [{"name": "st", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenants": ["*"], "default_tenant": "acme"}],
+            "api_keys": [
+                {
+                    "name": "st",
+                    "sha256": hashlib.sha256(KEY.encode()).hexdigest(),
+                    "tenants": ["*"],
+                    "default_tenant": "acme",
+                }
+            ],
             "jwt": {"jwks_file": str(jwks), "issuer": "https://idp.test/", "audience": "backstream"},
         },
     }
@@ -71,16 +86,27 @@ def _st(srv: ServerProcess, *args: str) -> None:
     assert "Traceback" not in log, log[-4000:]
 
 
-def _document(srv: ServerProcess, tmp: Path, headers: dict[str, Any], stream_headers: dict[str, Any] | None = None, required: bool = False) -> str:
+def _document(
+    srv: ServerProcess,
+    tmp: Path,
+    headers: dict[str, Any],
+    stream_headers: dict[str, Any] | None = None,
+    required: bool = False,
+) -> str:
     """The served document with `headers` declared on every /v1/ operation and the error shape on 401/403/429."""
     doc = httpx.get(f"{srv.url}/openapi.json").json()
-    error = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    error = {
+        "description": "Error",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
     for path, operations in doc["paths"].items():
         if not path.startswith("/v1/"):
             continue
         for op in operations.values():
             declared = {**headers, **(stream_headers if stream_headers and path.endswith("/stream") else {})}
-            op.setdefault("parameters", []).extend({"name": n, "in": "header", "required": required, "schema": s} for n, s in declared.items())
+            op.setdefault("parameters", []).extend(
+                {"name": n, "in": "header", "required": required, "schema": s} for n, s in declared.items()
+            )
             for status in ("401", "403", "429"):
                 op["responses"].setdefault(status, error)
     out = tmp / "openapi-with-headers.json"
@@ -93,14 +119,20 @@ def test_openapi_document_holds_under_fuzzing(fuzzed: ServerProcess, fake: FakeU
     _st(
         fuzzed,
         f"{fuzzed.url}/openapi.json",
-        "-H", f"Authorization: Bearer {KEY}",
-        "--max-examples", "25",
-        "--checks", "all",
+        "-H",
+        f"Authorization: Bearer {KEY}",
+        "--max-examples",
+        "25",
+        "--checks",
+        "all",
         # Cross-field rules (tool ids, tool_choice names, …) cannot be written in JSON Schema,
         # so schema-valid bodies may still be refused with 422; every other check applies.
-        "--exclude-checks", "positive_data_acceptance",
-        "--phases", "examples,fuzzing,stateful",
-        "-w", "2",
+        "--exclude-checks",
+        "positive_data_acceptance",
+        "--phases",
+        "examples,fuzzing,stateful",
+        "-w",
+        "2",
     )
 
 
@@ -109,15 +141,22 @@ def test_negative_data_and_headers_never_5xx(fuzzed: ServerProcess, tmp_path: Pa
     _st(
         fuzzed,
         _document(fuzzed, tmp_path, HEADERS, STREAM_HEADERS),
-        "--url", fuzzed.url,
-        "-H", f"Authorization: Bearer {KEY}",
-        "--mode", "negative",
-        "--max-examples", "25",
-        "--checks", NEGATIVE_CHECKS,
+        "--url",
+        fuzzed.url,
+        "-H",
+        f"Authorization: Bearer {KEY}",
+        "--mode",
+        "negative",
+        "--max-examples",
+        "25",
+        "--checks",
+        NEGATIVE_CHECKS,
         # coverage: each parameter's boundary and wrong-type values, deterministically. One worker:
         # with two, hypothesis' lambda descriptions race in ast.parse (SystemError inside schemathesis).
-        "--phases", "coverage,fuzzing",
-        "-w", "1",
+        "--phases",
+        "coverage,fuzzing",
+        "-w",
+        "1",
     )
 
 
@@ -126,14 +165,21 @@ def test_authorization_header_never_5xx(fuzzed: ServerProcess, tmp_path: Path) -
     _st(
         fuzzed,
         _document(fuzzed, tmp_path, {"Authorization": AUTHORIZATION}, required=True),
-        "--url", fuzzed.url,
-        "--max-examples", "25",
-        "--checks", NEGATIVE_CHECKS,
-        "--phases", "coverage,fuzzing",
+        "--url",
+        fuzzed.url,
+        "--max-examples",
+        "25",
+        "--checks",
+        NEGATIVE_CHECKS,
+        "--phases",
+        "coverage,fuzzing",
         # the middleware decides before any endpoint runs: the operations without bodies suffice
-        "--include-method", "GET",
-        "--include-method", "DELETE",
-        "-w", "1",
+        "--include-method",
+        "GET",
+        "--include-method",
+        "DELETE",
+        "-w",
+        "1",
     )
 
 

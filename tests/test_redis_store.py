@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-import redis.asyncio as aioredis
 
 from backstream.events import Event
 from backstream.store import FencedOut, RunRecord

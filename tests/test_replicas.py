@@ -68,7 +68,9 @@ def test_custom_id_is_unique_across_replicas(replicas: tuple[ServerProcess, Serv
     a, b = replicas
     with a.client() as ca, b.client() as cb:
         start(ca, "shared-id")
-        resp = cb.post("/v1/messages/async", params={"message_id": "shared-id"}, json={"model": "gpt", "messages": USER})
+        resp = cb.post(
+            "/v1/messages/async", params={"message_id": "shared-id"}, json={"model": "gpt", "messages": USER}
+        )
         assert resp.status_code == 409
 
 
@@ -89,7 +91,10 @@ def test_priority_holds_across_replicas(replicas: tuple[ServerProcess, ServerPro
     with a.client() as ca, b.client() as cb:
         blocker = start(ca, model="gpt-one", messages=[{"role": "user", "content": "blocker"}])
         fake.wait_for_requests(1)
-        ids = [start(c, model="gpt-one", priority=p, messages=[{"role": "user", "content": f"p{p}"}]) for c, p in ((cb, 5), (ca, 0), (cb, 3))]
+        ids = [
+            start(c, model="gpt-one", priority=p, messages=[{"role": "user", "content": f"p{p}"}])
+            for c, p in ((cb, 5), (ca, 0), (cb, 3))
+        ]
         for mid in (blocker, *ids):
             assert wait_status(ca, mid, TERMINAL, timeout=20)["status"] == "completed"
     assert [r.body["messages"][-1]["content"] for r in fake.requests] == ["blocker", "p0", "p3", "p5"]
@@ -132,7 +137,9 @@ def test_takeover_after_kill_9(fake: FakeUpstream, tmp_path: Path) -> None:
             b.stop()
 
 
-def test_finished_runs_survive_restarting_every_replica(replicas: tuple[ServerProcess, ServerProcess], fake: FakeUpstream) -> None:
+def test_finished_runs_survive_restarting_every_replica(
+    replicas: tuple[ServerProcess, ServerProcess], fake: FakeUpstream
+) -> None:
     a, b = replicas
     fake.script("gpt-up", [Reply(tokens=["keep", " me"])])
     with a.client() as ca:
@@ -148,7 +155,9 @@ def test_finished_runs_survive_restarting_every_replica(replicas: tuple[ServerPr
         assert cb.get(f"/v1/messages/async/{mid}/status").json()["status"] == "completed"
 
 
-def test_sync_messages_work_on_redis_replicas(replicas: tuple[ServerProcess, ServerProcess], fake: FakeUpstream) -> None:
+def test_sync_messages_work_on_redis_replicas(
+    replicas: tuple[ServerProcess, ServerProcess], fake: FakeUpstream
+) -> None:
     a, _ = replicas
     fake.script("gpt-up", [Reply(tokens=["sync"])])
     with a.client() as ca:
@@ -167,7 +176,9 @@ def test_tenant_limits_hold_across_replicas(fake: FakeUpstream, tmp_path: Path) 
             first, second = start(ca), start(cb)
             resp = ca.post("/v1/messages/async", json={"model": "gpt", "messages": USER})
             assert resp.status_code == 429 and resp.headers["retry-after"]
-            assert cb.post("/v1/messages", json={"model": "gpt", "messages": USER}).status_code == 429, "sync runs count too"
+            assert cb.post("/v1/messages", json={"model": "gpt", "messages": USER}).status_code == 429, (
+                "sync runs count too"
+            )
             assert cb.post(f"/v1/messages/async/{first}/cancel").status_code == 200
             third = start(cb)
             for mid in (second, third):

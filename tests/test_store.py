@@ -63,11 +63,24 @@ async def test_create_get_update(store: StreamStore) -> None:
     assert await store.create_run(record("m1")) is False, "an existing id is not overwritten"
     got = await store.get_run("t1", "m1")
     assert got is not None
-    assert (got.status, got.metadata, got.priority, got.model, got.request) == ("pending", {"model": "gpt", "priority": 3}, 3, "gpt", b'{"messages": []}')
+    assert (got.status, got.metadata, got.priority, got.model, got.request) == (
+        "pending",
+        {"model": "gpt", "priority": 3},
+        3,
+        "gpt",
+        b'{"messages": []}',
+    )
     assert abs(got.created_at - time.time()) < 5
-    await store.update_run("t1", "m1", status="completed", completed_at=123.0, error_message=None, metadata={"usage": {"a": 1}})
+    await store.update_run(
+        "t1", "m1", status="completed", completed_at=123.0, error_message=None, metadata={"usage": {"a": 1}}
+    )
     got = await store.get_run("t1", "m1")
-    assert got is not None and got.status == "completed" and got.completed_at == 123.0 and got.metadata == {"usage": {"a": 1}}
+    assert (
+        got is not None
+        and got.status == "completed"
+        and got.completed_at == 123.0
+        and got.metadata == {"usage": {"a": 1}}
+    )
     assert await store.get_run("t1", "nope") is None
 
 
@@ -97,7 +110,9 @@ async def test_append_read_after_cursor(store: StreamStore) -> None:
     assert await store.last_seq("t1", "m2") == 10
 
 
-async def test_events_survive_reopen_and_cold_reads_match(factory: StoreFactory, request: pytest.FixtureRequest) -> None:
+async def test_events_survive_reopen_and_cold_reads_match(
+    factory: StoreFactory, request: pytest.FixtureRequest
+) -> None:
     s1 = factory()
     await s1.open()
     await s1.create_run(record("m3"))

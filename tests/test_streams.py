@@ -21,7 +21,15 @@ def test_lifecycle_start_watch_complete(bg: httpx.Client, fake: FakeUpstream) ->
     assert mid.startswith("msg_")
     frames = watch(bg, mid)
     assert [f["event"] for f in frames] == [
-        "stream_start", "step_start", "text_start", "text_delta", "text_delta", "text_delta", "text_complete", "step_finish", "stream_end",
+        "stream_start",
+        "step_start",
+        "text_start",
+        "text_delta",
+        "text_delta",
+        "text_delta",
+        "text_complete",
+        "step_finish",
+        "stream_end",
     ]
     assert [f["id"] for f in frames] == list(range(1, 10))
     assert all(f["data"]["message_id"] == mid for f in frames)
@@ -203,7 +211,9 @@ def test_priority_order_under_max_concurrency(bg: httpx.Client, fake: FakeUpstre
     fake.script("gpt-one-up", [Reply(tokens=["blocker"], ttft=0.8), Reply(tokens=["ok"])])
     blocker = start(bg, model="gpt-one", messages=[{"role": "user", "content": "blocker"}])
     fake.wait_for_requests(1)
-    ids = {p: start(bg, model="gpt-one", priority=p, messages=[{"role": "user", "content": f"p{p}"}]) for p in (5, 0, 3)}
+    ids = {
+        p: start(bg, model="gpt-one", priority=p, messages=[{"role": "user", "content": f"p{p}"}]) for p in (5, 0, 3)
+    }
     for p, mid in ids.items():
         assert bg.get(f"/v1/messages/async/{mid}/status").json()["status"] == "pending", p
     for mid in (blocker, *ids.values()):

@@ -50,7 +50,12 @@ async def test_dropped_connection_raises(fake: FakeUpstream) -> None:
 
 
 async def test_connect_error_maps_to_the_sdk_error() -> None:
-    client = openai.AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="x", max_retries=0, http_client=httpx2.AsyncClient(transport=LeanTransport()))
+    client = openai.AsyncOpenAI(
+        base_url="http://127.0.0.1:9/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=LeanTransport()),
+    )
     with pytest.raises(openai.APIConnectionError):
         await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
 
@@ -67,7 +72,9 @@ async def test_tls_upstream(tmp_path: Path) -> None:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        length = int(
+            next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        )
         seen.append(await reader.readexactly(length))
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         for part in (b"data: one\n\n", b"data: two\n\n"):
@@ -93,7 +100,10 @@ async def test_tls_upstream(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "head",
-    [b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"],
+    [
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n",
+    ],
     ids=["http1.0", "http1.1-close"],
 )
 async def test_body_that_ends_at_connection_close(head: bytes) -> None:

@@ -424,11 +424,21 @@ class ModelInfo(BaseModel):
     aliases: list[str]
     default: bool
     max_concurrency: int | None  # null: no limit
+    # What the OpenAI and Anthropic SDKs' model lists read (`created` in Unix seconds, `created_at` the same in RFC 3339).
+    created: int
+    owned_by: str = "backstream"
+    type: Literal["model"] = "model"
+    display_name: str
+    created_at: str
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelInfo]
+    # Anthropic's page fields: the whole table is one page.
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class AsyncStarted(BaseModel):
@@ -460,3 +470,20 @@ class StreamStatus(BaseModel):
 class Cancelled(BaseModel):
     message: str = "Stream cancelled successfully"
     message_id: str
+
+
+class RunResult(BaseModel):
+    """A background run folded into one message (as `POST /v1/messages` answers), plus its status."""
+
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str | None
+    provider: str
+    content: list[dict[str, Any]]
+    finish_reason: str | None  # null while the run is active
+    usage: Usage
+    citations: list[dict[str, Any]] | None = None
+    warnings: list[str] | None = None
+    error: dict[str, Any] | None = None
+    status: str

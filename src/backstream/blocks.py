@@ -134,7 +134,10 @@ class StepAssembler:
             fields["error"] = "the model produced invalid JSON arguments"
         if not isinstance(fields["input"], dict):
             fields["input"] = {"value": fields["input"]}
-        self._blocks.append(ToolUseBlock(type="tool_use", id=call_id, name=name, input=fields["input"]))
+        if not name:
+            fields["error"] = "the model called a tool without naming it"
+        # Constructed, not validated: a nameless call from upstream must end as a tool call, not crash the run.
+        self._blocks.append(ToolUseBlock.model_construct(type="tool_use", id=call_id, name=name, input=fields["input"]))
         return self._emit("tool_call_complete", **fields)
 
     def result(self) -> StepResult:

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
-from .config import ConfigError, load_settings
+from . import cli_client
+from .config import ConfigError, Settings, load_settings
 from .logs import configure_logging
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Backstream LLM chat gateway.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"backstream {__version__}")
+        raise typer.Exit()
+
+
 @cli.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version"),
+) -> None:
     """Backstream LLM chat gateway."""
 
 
@@ -25,12 +38,17 @@ def serve(
     data_dir: Path | None = typer.Option(
         None, help="Where the embedded store keeps its files [default: ./.backstream]"
     ),
-    log_level: str | None = typer.Option(None, help="debug, info, warning or error"),
+    log_level: str | None = typer.Option(
+        None, help="debug, info, warning, error or critical (log.level) [default: info]"
+    ),
+    log_format: str | None = typer.Option(None, help="text, or json: one JSON object per line (log.format)"),
     insecure_no_auth: bool = typer.Option(
         False, "--insecure-no-auth", help="Allow a non-loopback address without authentication"
     ),
 ) -> None:
     """Start the server. With no config: SQLite under ./.backstream, the built-in local model, loopback only."""
+    from .serving import StartupError, banner, listen_socket, preflight
+
     try:
         settings = load_settings(
             config,
@@ -38,15 +56,28 @@ def serve(
             port=port,
             data_dir=str(data_dir) if data_dir else None,
             log_level=log_level,
+            log_format=log_format,
             insecure_no_auth=insecure_no_auth or None,
         )
         settings.check_exposure()
-    except ConfigError as exc:
-        typer.echo(f"backstream: {exc}", err=True)
-        raise typer.Exit(2) from None
-    level = settings.log_level.upper()
-    configure_logging(level)  # escapes control characters: a request's values cannot forge log lines
+        # Escapes control characters (text) or encodes them (JSON): a request's values cannot forge log lines.
+        configure_logging(settings.log.level, settings.log.format)
+        preflight(settings)
+        sock = listen_socket(settings.host, settings.port)
+    except (ConfigError, StartupError) as exc:
+        _fail(exc)
+    banner(settings, sock)
+    _run_server(settings, sock)
 
+
+def _fail(exc: Exception) -> NoReturn:
+    """A start-up failure: one line (two at most) naming what and where, exit status 2, no traceback."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    typer.echo(f"backstream: {'; '.join(lines)}", err=True)
+    raise typer.Exit(2)
+
+
+def _run_server(settings: Settings, sock: socket.socket) -> None:
     import uvicorn
 
     from .http import create_app
@@ -64,18 +95,24 @@ def serve(
             http=guarded_protocol(settings.http),  # httptools, with head, slow-client and connection limits
             timeout_keep_alive=settings.http.keepalive_timeout_s,  # type: ignore[arg-type]  # a float works
             server_header=False,
-            access_log=False,
-            log_level=settings.log_level.lower(),
+            access_log=False,  # ours: http/access_log.py, with request id, tenant and key name
+            log_level=settings.log.level,
             log_config=None,  # uvicorn's loggers go through ours: one format, control characters escaped
         ),
         drain=services_of(app).deployment.drain,
         grace_s=settings.shutdown_grace_s,
     )
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    except SystemExit as exc:  # uvicorn: the application failed to start (already logged on one line)
+        if exc.code not in (0, None):
+            raise typer.Exit(2) from None
+        raise
 
 
 keys = typer.Typer(no_args_is_help=True, help="API keys.")
 cli.add_typer(keys, name="keys")
+cli_client.register(cli)  # `chat` and `runs …`: the client commands (cli_client.py)
 
 
 @keys.command("new")

@@ -50,6 +50,8 @@ class RunsSettings(_Section):
     max_steps: int = Field(10, ge=1, le=100)  # model calls per run when server-side (MCP) tools are used
     tool_timeout_s: float = Field(30.0, gt=0)  # one MCP connection setup or tool call
     tool_setup_timeout_s: float = Field(15.0, gt=0)  # all of a run's MCP servers: connect, initialise, list tools
+    # Recent events (with their SSE frames) kept in memory for watchers, all runs together; older reads hit the store.
+    tail_cache_bytes: int = Field(64 * 1024 * 1024, ge=0)
 
 
 class EgressSettings(_Section):
@@ -232,6 +234,25 @@ class McpServerConfig(_Section):
     allowed_tools: list[str] | None = None
 
 
+class LogSettings(_Section):
+    """`log:` level, line format (text or JSON lines) and the per-request access line."""
+
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    format: Literal["text", "json"] = "text"
+    access: bool = True  # one line per request: method, path, status, duration, request id, tenant, key name
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, level: Any) -> Any:
+        return level.lower() if isinstance(level, str) else level
+
+
+class MetricsSettings(_Section):
+    """`metrics:` what /metrics labels. Labels stay bounded: configured names, never ids."""
+
+    tenant_labels: bool = False  # label runs and HTTP requests by tenant (only with few tenants)
+
+
 class Settings(_Section):
     """The whole configuration: defaults, then the YAML file, then BACKSTREAM_* environment variables."""
 
@@ -239,7 +260,8 @@ class Settings(_Section):
     data_dir: str = "./.backstream"
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    log_level: str = "info"
+    log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
     keepalive_s: float = Field(15.0, gt=0)
     shutdown_grace_s: float = Field(10.0, gt=0)  # SIGTERM: runs end, watchers get stream_end, exit within this
     redis: RedisSettings = RedisSettings()
@@ -253,6 +275,25 @@ class Settings(_Section):
     insecure_no_auth: bool = False  # serve a non-loopback address without authentication
     default_model: str = "local"
     models: list[ModelConfig] = Field(default_factory=list, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_level_shorthand(cls, tree: Any) -> Any:
+        """`log_level` and `log_format` (top level, BACKSTREAM_LOG_LEVEL, --log-level, …) set `log.level`, `log.format`."""
+        if not isinstance(tree, dict) or not {"log_level", "log_format"} & tree.keys():
+            return tree
+        tree = dict(tree)
+        log = tree.get("log")
+        log = dict(log) if isinstance(log, dict) else {}
+        for key in ("log_level", "log_format"):
+            if key in tree:
+                log[key[4:]] = tree.pop(key)
+        tree["log"] = log
+        return tree
+
+    @property
+    def log_level(self) -> str:
+        return self.log.level
 
     @field_validator("models")
     @classmethod

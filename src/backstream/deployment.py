@@ -94,5 +94,6 @@ def _assemble(
     settings: Settings, store: StreamStore, quotas: Quotas, executor: RunExecutor, dispatcher: Dispatcher
 ) -> Deployment:
     executor.queue = dispatcher
+    store.tail_cache_bytes = settings.runs.tail_cache_bytes
     runs = BackgroundRuns(settings, store, quotas, executor, dispatcher)
     return Deployment(store, quotas, executor, dispatcher, runs, settings.runs.retention_s)

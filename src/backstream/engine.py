@@ -9,7 +9,9 @@ managers) and then appends `Run.end_event("Cancelled")`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from . import logs, metrics
 from .api_models import ChatRequest, Message, ToolResultBlock, ToolUseBlock
 from .blocks import StepAssembler, StepResult, StopMatcher
 from .config import EgressSettings, McpServerConfig, ModelConfig, Settings
@@ -84,6 +87,10 @@ class Run:
         self.on_tool_setup: Callable[[bool], None] | None = (
             None  # told when MCP setup begins and ends (the executor's queue count)
         )
+        self.started_at: float | None = None  # monotonic: the run loop began (metrics)
+        self.first_token_at: float | None = None  # monotonic: the first upstream delta arrived (metrics)
+        # Built in the request's task (sync) or the run's own task (background): its log lines carry these.
+        logs.bind(message_id=message_id, model=config.name)
 
     def _event(self, type: str, **fields: Any) -> Event:
         self.seq += 1
@@ -111,9 +118,12 @@ class Run:
         return self._event("stream_end", **fields)
 
     async def events(self) -> AsyncGenerator[Event, None]:
+        self.started_at = time.monotonic()
         try:
-            async for event in self._steps():
-                yield event
+            # aclosing: when our consumer closes us, the steps (and the upstream request) close now, not at GC.
+            async with contextlib.aclosing(self._steps()) as steps:
+                async for event in steps:
+                    yield event
         except UpstreamError as exc:
             if not self.started:
                 yield self.start_event()
@@ -248,6 +258,7 @@ class Run:
         provider = self.models.provider(config)
         for attempt in range(config.retries + 1):
             if attempt:
+                metrics.RETRIES.labels(config.name).inc()
                 await asyncio.sleep(_backoff(config, attempt, last))
             warnings: list[str] = []
             deltas = provider.stream(request, warnings)
@@ -256,6 +267,7 @@ class Run:
             except UpstreamError as exc:
                 await deltas.aclose()
                 last = exc
+                metrics.upstream_failed(config.name, config.provider, exc.type)
                 log.warning("model %s attempt %d failed: %s", config.name, attempt + 1, exc.message)
                 if not exc.retryable:
                     raise
@@ -264,8 +276,12 @@ class Run:
                 await deltas.aclose()
                 raise
             self.served_by = config
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
             if not self.started:
                 self.warnings = warnings
+                if config is not self.config:
+                    metrics.FALLBACKS.labels(self.config.name, config.name).inc()
             if config is not self.config:
                 warnings.append(
                     f"model {self.config.name} failed ({last.message if last else 'error'}); answered by fallback {config.name}"
@@ -299,6 +315,10 @@ class Run:
                 if stopped:
                     break  # leaving the loop closes the upstream request
                 continue
+            if stops is not None and d[0] in _NEW_BLOCK:
+                # Another block begins: text held back as a possible stop prefix belongs before it.
+                for ev in assembler.content("text", held) if (held := stops.flush()) else ():
+                    yield ev
             for ev in apply(d):
                 yield ev
         if stops is not None and assembler.finish != FinishReason.STOP_SEQUENCE:
@@ -310,6 +330,9 @@ class Run:
         result = assembler.result()
         add_usage(self.usage, result.usage)
         yield self._event("step_finish", step=step, finish_reason=result.finish_reason, usage=result.usage)
+
+
+_NEW_BLOCK = frozenset({"thinking", "tool_start", "tool_delta"})  # deltas that open a block other than text
 
 
 def _backoff(config: ModelConfig, attempt: int, error: UpstreamError | None) -> float:

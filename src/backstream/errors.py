@@ -96,6 +96,12 @@ class Unavailable(GatewayError):
         self.retry_after_s = retry_after_s
 
 
+class ModelUnavailable(Unavailable):
+    """The model cannot be called as configured (its `api_key_env` variable is not set)."""
+
+    type = "model_unavailable"
+
+
 class RunFailed(GatewayError):
     """A synchronous run failed before its first output; `type` is the run's own error type."""
 

@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from .config import ModelConfig, Settings
-from .errors import Invalid
+from .errors import Invalid, ModelUnavailable
 from .providers import Provider, create_provider
+from .providers.base import unavailable_message
 
 UNLIMITED = 2**31  # "no max_concurrency": counted, never waited for
 
@@ -70,19 +71,38 @@ class ModelTable:
         self._providers: dict[str, Provider] = {}
         self.slots = ModelSlots({m.name: m.max_concurrency for m in settings.models})
 
-    def resolve(self, name: str | None) -> ModelConfig:
+    def lookup(self, name: str | None) -> ModelConfig:
+        """The model a name or alias (None: the default) stands for."""
         config = self._names.get(name or self.default)
         if config is None:
             available = ", ".join(sorted(self._names))
             raise Invalid(f"unknown model {name!r}; available: {available}", "model")
         return config
 
+    def resolve(self, name: str | None) -> ModelConfig:
+        """The model a request may run on: ModelUnavailable when it cannot be called as configured."""
+        config = self.lookup(name)
+        var = self.provider(config).missing_key()
+        if var is not None:
+            message = unavailable_message(config.name, var)
+            raise ModelUnavailable(message, [{"field": "model", "message": message, "type": "model_unavailable"}])
+        return config
+
+    def missing_keys(self) -> dict[str, str]:
+        """Models whose `api_key_env` variable is unset: model name -> variable name (configuration, not a secret)."""
+        missing = {}
+        for config in self.models.values():
+            var = self.provider(config).missing_key()
+            if var is not None:
+                missing[config.name] = var
+        return missing
+
     def route(self, config: ModelConfig) -> list[ModelConfig]:
         """The model, then its fallbacks (each once)."""
         out = [config]
         for name in config.fallbacks:
             fb = self._names[name]
-            if fb not in out:
+            if fb not in out and self.provider(fb).missing_key() is None:  # a fallback without its key is skipped
                 out.append(fb)
         return out
 

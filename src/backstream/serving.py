@@ -1,5 +1,13 @@
-"""uvicorn's server, with a shutdown in the order durable streams need.
+"""Start-up checks and banner, and uvicorn's server with a shutdown in the order durable streams need.
 
+Start-up: everything that commonly stops a server from starting (an unwritable data
+directory, an unreachable Redis, a port in use) is checked before uvicorn starts, so
+that each is one line naming what and where (`StartupError`; the CLI exits with 2),
+never a traceback. Then the banner says what is being served: version, URL, store and
+where its data lives, the model table (with warnings such as a missing key variable),
+the auth and egress modes.
+
+Shutdown:
 uvicorn on SIGTERM stops accepting, waits for connections to finish, cuts the rest
 after a timeout, and only then runs the application's shutdown. Watchers of
 background runs never finish by themselves, so they were cut without a final
@@ -12,12 +20,165 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import uvicorn
 
+from . import __version__
+from .config import ModelConfig, Settings, is_loopback
+
 log = logging.getLogger("backstream.serve")
+
+
+class StartupError(Exception):
+    """The server cannot start; the message names what and where, on one line."""
+
+
+def preflight(settings: Settings) -> None:
+    """The store's dependencies, checked before anything starts: a data directory we can write, a Redis that answers."""
+    if settings.store == "sqlite":
+        _check_data_dir(settings.data_path)
+    elif settings.store == "redis":
+        _check_redis(settings.redis.url)
+
+
+def _check_data_dir(path: Path) -> None:
+    where = path.resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        db = path / "backstream.db"
+        if db.is_dir():
+            raise IsADirectoryError(21, f"{db.name} is a directory")
+        if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+            raise PermissionError(13, f"{db.name} is not readable and writable")
+    except OSError as exc:
+        raise StartupError(
+            f"cannot use the data directory {where}: {exc.strerror or exc} (store: sqlite; choose another with "
+            "--data-dir or BACKSTREAM_DATA_DIR)"
+        ) from None
+
+
+def redis_address(url: str) -> str:
+    """The URL without credentials: fit for logs and messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise StartupError(f"cannot reach Redis at {redis_address(url)} (store: redis): {reason}") from None
+    finally:
+        client.close()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The listening address, bound now so that a port in use is a clear error (and port 0 a known port)."""
+    bare = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bare, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another with --port)"
+        ) from None
+    return sock
+
+
+def banner(settings: Settings, sock: socket.socket) -> None:
+    """What is being served, one log line per item; a model that cannot be called is a warning."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    log.info("Backstream %s serving on http://%s:%d", __version__, shown, port)
+    log.info("store: %s", _store_line(settings))
+    for config in settings.models:
+        line, warning = _model_line(settings, config)
+        if warning:
+            log.warning("%s; %s", line, warning)
+        else:
+            log.info("%s", line)
+    log.info("auth: %s", _auth_line(settings))
+    egress = settings.egress
+    allowed = f"; allow_hosts: {', '.join(egress.allow_hosts)}" if egress.allow_hosts else ""
+    reach = "any address (egress.allow_private)" if egress.allow_private else "public addresses only"
+    log.info("egress: request-supplied URLs (MCP servers) may reach %s%s", reach, allowed)
+    log.info(
+        "log: level %s, format %s, access lines %s",
+        settings.log.level,
+        settings.log.format,
+        "on" if settings.log.access else "off",
+    )
+
+
+def _store_line(settings: Settings) -> str:
+    if settings.store == "sqlite":
+        return f"sqlite, data in {(settings.data_path / 'backstream.db').resolve()}"
+    if settings.store == "redis":
+        return f"redis at {redis_address(settings.redis.url)} (key prefix {settings.redis.key_prefix})"
+    return "memory (nothing survives a restart)"
+
+
+def _model_line(settings: Settings, config: ModelConfig) -> tuple[str, str | None]:
+    aliases = f" (aliases: {', '.join(config.aliases)})" if config.aliases else ""
+    default = " [default]" if config.name == settings.default_model else ""
+    fallbacks = f", fallbacks: {', '.join(config.fallbacks)}" if config.fallbacks else ""
+    if config.provider == "local":
+        from .providers.local import default_model_path
+
+        path = Path(config.path) if config.path else default_model_path()
+        line = f"model {config.name}{aliases}{default} -> local {path or '(built-in model not installed)'}{fallbacks}"
+        missing = path is None or not path.is_file()
+        return line, "warning: the model file is missing (`backstream install-local-model`)" if missing else None
+    target = f"{config.upstream_model} at {config.base_url or 'the provider default URL'}"
+    line = f"model {config.name}{aliases}{default} -> {config.provider} {target}{fallbacks}"
+    var = config.api_key_env
+    if var and not os.environ.get(var):
+        return line, f"warning: its key variable {var} is not set: requests answer 503 model_unavailable"
+    return line, None
+
+
+def _auth_line(settings: Settings) -> str:
+    auth = settings.auth
+    if auth.enabled:
+        kinds = [f"{len(auth.api_keys)} API key(s)"] if auth.api_keys else []
+        if auth.jwt is not None:
+            kinds.append(f"JWT (issuer {auth.jwt.issuer})")
+        return "required: " + ", ".join(kinds)
+    if is_loopback(settings.host):
+        return "none (loopback only)"
+    return "none (--insecure-no-auth: something in front must authenticate)"
+
+
+class _StartupErrorsOnOneLine(logging.Filter):
+    """While the application starts, a failure is one line (what failed and why), not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg, record.args = "start-up failed: %s: %s", (type(exc).__name__, exc)
+            record.exc_info, record.exc_text = None, None
+        elif isinstance(record.msg, str) and record.msg.startswith("Traceback (most recent call last)"):
+            record.msg, record.args = "start-up failed: %s", (record.msg.strip().splitlines()[-1],)
+        return True
+
 
 DRAIN_SHARE = 0.8  # of the grace period for runs and watchers; the rest for other connections
 
@@ -30,6 +191,15 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.drain = drain
         self.grace_s = grace_s
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        one_line = _StartupErrorsOnOneLine()
+        uvicorn_log.addFilter(one_line)
+        try:
+            await super().startup(sockets)
+        finally:
+            uvicorn_log.removeFilter(one_line)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:

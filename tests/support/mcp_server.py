@@ -63,8 +63,13 @@ class McpHttpServer:
         return wrapped
 
     def start(self) -> McpHttpServer:
-        for app, port in ((build_server().streamable_http_app(), self.http_port), (build_server().sse_app(), self.sse_port)):
-            config = uvicorn.Config(self._recording(app), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        for app, port in (
+            (build_server().streamable_http_app(), self.http_port),
+            (build_server().sse_app(), self.sse_port),
+        ):
+            config = uvicorn.Config(
+                self._recording(app), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+            )
             server = uvicorn.Server(config)
             thread = threading.Thread(target=server.run, daemon=True)
             thread.start()

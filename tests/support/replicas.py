@@ -12,10 +12,17 @@ LEASE_S = 1.5  # short, so that takeovers of a dead replica's runs happen within
 
 
 def replica_config(fake: FakeUpstream, prefix: str, url: str = REDIS_URL, lease_s: float = LEASE_S) -> dict[str, Any]:
-    return {"store": "redis", "redis": {"url": url, "key_prefix": prefix, "lease_s": lease_s}, "models": fake_models(fake), "keepalive_s": 1}
+    return {
+        "store": "redis",
+        "redis": {"url": url, "key_prefix": prefix, "lease_s": lease_s},
+        "models": fake_models(fake),
+        "keepalive_s": 1,
+    }
 
 
-def replica(fake: FakeUpstream, tmp: Path, prefix: str, name: str, url: str = REDIS_URL, lease_s: float = LEASE_S) -> ServerProcess:
+def replica(
+    fake: FakeUpstream, tmp: Path, prefix: str, name: str, url: str = REDIS_URL, lease_s: float = LEASE_S
+) -> ServerProcess:
     """One replica of a group sharing `prefix` (not started)."""
     return ServerProcess(tmp, replica_config(fake, prefix, url, lease_s), name=name)
 

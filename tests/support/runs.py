@@ -14,7 +14,13 @@ from tests.support.sse import parse_sse, parse_sse_prefix
 USER = [{"role": "user", "content": "hi"}]
 TERMINAL = {"completed", "failed", "cancelled", "error"}
 # The status a run ends in, by its stream_end finish_reason (Error: "error" or "failed", see check_run).
-STATUS_OF = {"Stop": "completed", "Length": "completed", "StopSequence": "completed", "ToolUse": "completed", "Cancelled": "cancelled"}
+STATUS_OF = {
+    "Stop": "completed",
+    "Length": "completed",
+    "StopSequence": "completed",
+    "ToolUse": "completed",
+    "Cancelled": "cancelled",
+}
 
 
 def slow(n: int = 300, delay: float = 0.03, **kw: Any) -> Reply:
@@ -24,14 +30,18 @@ def slow(n: int = 300, delay: float = 0.03, **kw: Any) -> Reply:
 
 def start(c: httpx.Client, message_id: str | None = None, **payload: Any) -> str:
     params = {"message_id": message_id} if message_id else None
-    resp = c.post("/v1/messages/async", params=params, json={"model": "gpt", "max_tokens": 64, "messages": USER, **payload})
+    resp = c.post(
+        "/v1/messages/async", params=params, json={"model": "gpt", "max_tokens": 64, "messages": USER, **payload}
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["status"] == "pending" and body["message"] == "Request initiated successfully"
     return body["message_id"]
 
 
-def watch(c: httpx.Client, mid: str, headers: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def watch(
+    c: httpx.Client, mid: str, headers: dict[str, str] | None = None, params: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """The whole stream, until the server closes it."""
     with c.stream("GET", f"/v1/messages/async/{mid}/stream", headers=headers, params=params) as resp:
         assert resp.status_code == 200, resp.read()
@@ -75,7 +85,9 @@ def check_run(c: httpx.Client, mid: str, timeout: float = 10) -> list[dict[str, 
     frames = watch(c, mid)
     assert [f["id"] for f in frames] == list(range(1, len(frames) + 1)), "no gap, no duplicate"
     ends = [f for f in frames if f["event"] == "stream_end"]
-    assert len(ends) == 1 and frames[-1] is ends[0], f"exactly one stream_end, last: {[f['event'] for f in frames][-3:]}"
+    assert len(ends) == 1 and frames[-1] is ends[0], (
+        f"exactly one stream_end, last: {[f['event'] for f in frames][-3:]}"
+    )
     end = ends[0]["data"]
     expected = STATUS_OF.get(end["finish_reason"]) or ("error" if end["error"]["type"] == "api_error" else "failed")
     assert status["status"] == expected, (status, end)
@@ -98,7 +110,10 @@ class Watcher:
     def _run(self) -> None:
         buf = b""
         try:
-            with httpx.Client(base_url=self.url, timeout=30) as c, c.stream("GET", f"/v1/messages/async/{self.mid}/stream") as resp:
+            with (
+                httpx.Client(base_url=self.url, timeout=30) as c,
+                c.stream("GET", f"/v1/messages/async/{self.mid}/stream") as resp,
+            ):
                 for chunk in resp.iter_raw():
                     buf += chunk
                     if b"\n\n" in buf:

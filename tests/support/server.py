@@ -35,7 +35,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerProcess:
     """`backstream serve` as a subprocess with its own config file and data dir."""
 
-    def __init__(self, tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, name: str = "server") -> None:
+    def __init__(
+        self, tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, name: str = "server"
+    ) -> None:
         self.tmp = tmp
         self.config = config
         self.extra_env = env or {}
@@ -51,7 +53,18 @@ class ServerProcess:
         config_path.write_text(yaml.safe_dump(self.config))
         env = {k: v for k, v in os.environ.items() if not k.startswith("BACKSTREAM_")}
         env.update(self.extra_env)
-        argv = [sys.executable, "-m", "backstream", "serve", "--config", str(config_path), "--port", str(self.port), "--data-dir", str(self.tmp / f"{self.name}-data")]
+        argv = [
+            sys.executable,
+            "-m",
+            "backstream",
+            "serve",
+            "--config",
+            str(config_path),
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.tmp / f"{self.name}-data"),
+        ]
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.tmp)
         self._wait_healthy(timeout)
@@ -90,12 +103,76 @@ class ServerProcess:
 def fake_models(fake: FakeUpstream) -> list[dict[str, Any]]:
     """A model table pointing at the fake upstream: one entry per behaviour under test."""
     return [
-        {"name": "gpt", "provider": "openai", "base_url": fake.base_url, "model": "gpt-up", "retries": 2, "backoff_s": 0.01, "timeout_s": 5, "aliases": ["gpt-alias"]},
-        {"name": "claude", "provider": "anthropic", "base_url": fake.url, "model": "claude-up", "retries": 2, "backoff_s": 0.01, "timeout_s": 5},
-        {"name": "gpt-fb", "provider": "openai", "base_url": fake.base_url, "model": "gpt-fb-up", "retries": 0, "timeout_s": 5, "fallbacks": ["claude"]},
-        {"name": "gpt-slow", "provider": "openai", "base_url": fake.base_url, "model": "gpt-slow-up", "retries": 0, "timeout_s": 0.5},
-        {"name": "gpt-x", "provider": "openai", "base_url": fake.base_url, "model": "gpt-x-up", "retries": 0, "timeout_s": 5, "extra_sampling": True},
-        {"name": "gpt-one", "provider": "openai", "base_url": fake.base_url, "model": "gpt-one-up", "retries": 0, "timeout_s": 30, "max_concurrency": 1},
-        {"name": "gpt-two", "provider": "openai", "base_url": fake.base_url, "model": "gpt-two-up", "retries": 0, "timeout_s": 30, "max_concurrency": 2},
-        {"name": "gpt-four", "provider": "openai", "base_url": fake.base_url, "model": "gpt-four-up", "retries": 0, "timeout_s": 30, "max_concurrency": 4},
+        {
+            "name": "gpt",
+            "provider": "openai",
+            "base_url": fake.base_url,
+            "model": "gpt-up",
+            "retries": 2,
+            "backoff_s": 0.01,
+            "timeout_s": 5,
+            "aliases": ["gpt-alias"],
+        },
+        {
+            "name": "claude",
+            "provider": "anthropic",
+            "base_url": fake.url,
+            "model": "claude-up",
+            "retries": 2,
+            "backoff_s": 0.01,
+            "timeout_s": 5,
+        },
+        {
+            "name": "gpt-fb",
+            "provider": "openai",
+            "base_url": fake.base_url,
+            "model": "gpt-fb-up",
+            "retries": 0,
+            "timeout_s": 5,
+            "fallbacks": ["claude"],
+        },
+        {
+            "name": "gpt-slow",
+            "provider": "openai",
+            "base_url": fake.base_url,
+            "model": "gpt-slow-up",
+            "retries": 0,
+            "timeout_s": 0.5,
+        },
+        {
+            "name": "gpt-x",
+            "provider": "openai",
+            "base_url": fake.base_url,
+            "model": "gpt-x-up",
+            "retries": 0,
+            "timeout_s": 5,
+            "extra_sampling": True,
+        },
+        {
+            "name": "gpt-one",
+            "provider": "openai",
+            "base_url": fake.base_url,
+            "model": "gpt-one-up",
+            "retries": 0,
+            "timeout_s": 30,
+            "max_concurrency": 1,
+        },
+        {
+            "name": "gpt-two",
+            "provider": "openai",
+            "base_url": fake.base_url,
+            "model": "gpt-two-up",
+            "retries": 0,
+            "timeout_s": 30,
+            "max_concurrency": 2,
+        },
+        {
+            "name": "gpt-four",
+            "provider": "openai",
+            "base_url": fake.base_url,
+            "model": "gpt-four-up",
+            "retries": 0,
+            "timeout_s": 30,
+            "max_concurrency": 4,
+        },
     ]

@@ -15,7 +15,7 @@ import socket
 import time
 from typing import Any, Protocol
 
-from .. import metrics
+from .. import logs, metrics
 from ..api_models import ChatRequest
 from ..config import ModelConfig, Settings
 from ..engine import Run, RunOptions
@@ -30,7 +30,6 @@ from .lifecycle import end_orphan, end_run
 
 log = logging.getLogger("backstream.executor")
 
-FORGET_AFTER_S = 30.0  # keep a finished run's frames in memory this long for late watchers
 SHUTDOWN_MESSAGE = "the server shut down while this run was in flight"
 STORE_FAILED_MESSAGE = "the server could not store this run's events"
 RETRY_MAX_S = 2.0  # longest pause between tries to end a run while the store is out of reach
@@ -112,7 +111,7 @@ class RunExecutor:
     # --- launch ------------------------------------------------------------------------
     def launch(self, record: RunRecord, chat: ChatRequest, config: ModelConfig) -> None:
         self._pending += 1
-        metrics.RUNS_STARTED.labels("background", config.name).inc()
+        metrics.run_started("background", config.name, record.tenant)
         task = asyncio.create_task(self._execute(record, chat, config), name=f"run:{record.message_id}")
         self._tasks[record.key] = task
         self._records[record.key] = record
@@ -139,6 +138,7 @@ class RunExecutor:
     # --- one run -----------------------------------------------------------------------
     async def _execute(self, record: RunRecord, chat: ChatRequest, config: ModelConfig) -> None:
         runs = self.settings.runs
+        logs.bind(tenant=record.tenant)  # this task's log lines; Run adds message_id and model
         run = Run(record.message_id, chat, self.models, config, self.options)
         run.on_tool_setup = self._count_tool_setup
         sink = StoreSink(self.store, record, runs.max_events, runs.max_bytes)
@@ -153,6 +153,7 @@ class RunExecutor:
                     sink.add(event)
             except LimitExceeded as exc:
                 await events.aclose()
+                run.seq = sink.count  # the refused event was never stored: the end takes its position
                 sink.add(run.end_event(FinishReason.ERROR, {"type": "limit_exceeded", "message": str(exc)}))
         except asyncio.CancelledError:
             await events.aclose()
@@ -225,14 +226,11 @@ class RunExecutor:
             self._record_end(record, run, status)
             await self._after_end(record)
         finally:
-            self.store.release(*record.key)
-            asyncio.get_running_loop().call_later(FORGET_AFTER_S, self.store.forget, *record.key)
+            self.store.release(*record.key)  # its tail stays only while watchers are attached
 
     def _record_end(self, record: RunRecord, run: Run, status: str) -> None:
         now = time.time()
-        metrics.record_run(
-            "background", run.served_by.name, run.finish_reason or "Error", run.seq, run.usage, now - record.created_at
-        )
+        metrics.record_run("background", run, now - record.created_at, record.tenant, finish="Error")
         log.info(
             "run %s %s finish=%s events=%d correlation_id=%s",
             record.message_id,

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .. import __version__
+from .. import __version__, metrics
 from ..auth import Authenticator
 from ..config import Settings
 from ..deployment import build_deployment
@@ -16,12 +16,14 @@ from ..engine import RunOptions
 from ..model_table import ModelTable
 from ..quotas import Quotas
 from ..store import StreamStore
-from . import background_runs, messages, operations
+from . import background_runs, chat_completions, messages, operations, responses
+from .access_log import AccessLogMiddleware
 from .authentication import AuthenticationMiddleware
 from .body_limit import BodyLimitMiddleware
 from .errors import install_error_handlers
 from .json_response import ORJSONResponse
 from .openapi import install_openapi
+from .playground import router as playground_router
 from .rate_limit import RateLimitMiddleware
 from .request_id import RequestIdMiddleware
 from .security_headers import SecurityHeaders, add_cors
@@ -30,6 +32,7 @@ from .store_outage import StoreOutageGuard
 
 
 def create_app(settings: Settings) -> FastAPI:
+    metrics.configure(tenant_labels=settings.metrics.tenant_labels)
     models = ModelTable(settings)
     deployment = build_deployment(settings, models)
     store = deployment.store
@@ -64,12 +67,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(operations.router)
     app.include_router(messages.router)
     app.include_router(background_runs.router)
+    app.include_router(playground_router)  # /playground and / (a page; its calls go through /v1/)
+    app.include_router(chat_completions.router)  # wire dialects: adapters over the same runs
+    app.include_router(responses.router)
     return app
 
 
 def _install_middleware(app: FastAPI, settings: Settings, quotas: Quotas, store: StreamStore) -> None:
     """Added innermost first; a request passes them in the reverse order:
-    CORS → security headers → store outage → request id → authentication → rate limit → body limit."""
+    access log → CORS → security headers → store outage → request id → authentication → rate limit → body limit."""
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, quotas=quotas)  # needs the caller: inside authentication
     app.add_middleware(AuthenticationMiddleware, authenticator=Authenticator(settings.auth))
@@ -77,3 +83,4 @@ def _install_middleware(app: FastAPI, settings: Settings, quotas: Quotas, store:
     app.add_middleware(StoreOutageGuard, store=store)  # outside auth and rate limits, which read the store
     app.add_middleware(SecurityHeaders)  # response headers and CORS wrap everything, preflights bypass auth
     add_cors(app, settings.cors)
+    app.add_middleware(AccessLogMiddleware, enabled=settings.log.access)  # outermost: every answer, once it ended

@@ -25,13 +25,21 @@ class AuthenticationMiddleware:
             return
         headers = dict(scope["headers"])
         try:
-            principal = await self.authenticator.authenticate(_header(headers, b"authorization"))
+            principal = await self.authenticator.authenticate(_credentials(headers))
             tenant = self.authenticator.tenant_for(principal, _header(headers, b"x-tenant"))
         except GatewayError as exc:
             await answer(scope, receive, send, exc)
             return
         set_caller(scope, principal, tenant)
         await self.app(scope, receive, send)
+
+
+def _credentials(headers: dict[bytes, bytes]) -> str | None:
+    """`Authorization`, or else `x-api-key` (how the Anthropic SDK sends its key) as a bearer token."""
+    authorization = _header(headers, b"authorization")
+    if authorization is None and (key := _header(headers, b"x-api-key")) is not None:
+        return "Bearer " + key
+    return authorization
 
 
 def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from ..api_models import AsyncStarted, Cancelled, ErrorResponse, StreamStatus
+from ..api_models import AsyncStarted, Cancelled, ErrorResponse, RunResult, StreamStatus
 from ..background.watch import follow_run
+from ..dialects import anthropic
 from ..errors import Invalid, NotFound
-from ..events import new_message_id
+from ..events import Event, new_message_id
+from ..results import fold_result
 from ..store import RunRecord
 from .chat_body import read_chat_request
+from .dialects import translated, wants_anthropic
 from .sse import EventStreamResponse
 from .state import principal_of, services, tenant_of
 
@@ -112,7 +117,8 @@ async def start(
     if message_id is not None and not MESSAGE_ID.fullmatch(message_id):
         raise Invalid("message_id must be 1-128 characters of letters, digits, '_' and '-'", "message_id")
     s = services(request)
-    chat = await read_chat_request(request, s.settings)
+    translate = translated(anthropic.parse_request) if wants_anthropic(request.scope) else None
+    chat = await read_chat_request(request, s.settings, translate)
     config = s.models.resolve(chat.model)
     raw = chat.model_dump_json(exclude_none=True, by_alias=True, exclude={"response_format"}).encode()
     record = await s.deployment.runs.submit(
@@ -150,7 +156,18 @@ async def watch(
     if await store.get_run(tenant, _lookup_id(message_id)) is None:
         raise NotFound()
     cursor = _cursor(request, after)
-    return EventStreamResponse(follow_run(store, tenant, message_id, cursor), keepalive_s=s.settings.keepalive_s)
+    if wants_anthropic(request.scope):
+        frames = follow_run(store, tenant, message_id, 0, anthropic_encoder(cursor))
+    else:
+        frames = follow_run(store, tenant, message_id, cursor)
+    return EventStreamResponse(frames, keepalive_s=s.settings.keepalive_s)
+
+
+def anthropic_encoder(cursor: int) -> Callable[[Event], bytes]:
+    """Anthropic's stream numbers content blocks from the start, so a resumed watch replays the
+    log from the beginning through the renderer, sending only what comes after the cursor."""
+    renderer = anthropic.StreamRenderer()
+    return lambda event: renderer.feed(event, event.seq > cursor)
 
 
 @router.get("/{message_id}/status", response_model=StreamStatus, responses=_NOT_FOUND)
@@ -163,6 +180,17 @@ async def status(request: Request, message_id: str) -> Any:
         raise NotFound()
     count = record.event_count if record.terminal else await store.last_seq(tenant, message_id)
     return status_body(record, count)
+
+
+@router.get("/{message_id}/result", response_model=RunResult, responses=_NOT_FOUND)
+async def result(request: Request, message_id: str) -> Any:
+    """The run folded into one message (as `POST /v1/messages` answers), plus `status`; so far, while it is active."""
+    tenant = tenant_of(request)
+    record = await services(request).deployment.store.get_run(tenant, _lookup_id(message_id))
+    if record is None:
+        raise NotFound()
+    body = await fold_result(services(request).deployment.store, record)
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 @router.post(

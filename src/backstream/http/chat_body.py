@@ -5,6 +5,7 @@ Every problem is a 422 naming its field (`Invalid`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -17,9 +18,14 @@ from ..egress import EgressDenied, check_url
 from ..errors import Invalid, pydantic_details
 from ..json_schemas import check_json_depth, check_request_schema
 
+Translate = Callable[[dict[str, Any]], dict[str, Any]]
 
-async def read_chat_request(request: Request, settings: Settings) -> ChatRequest:
-    """Parse and validate a chat body; every problem is a 422 naming its field."""
+
+async def read_chat_request(request: Request, settings: Settings, translate: Translate | None = None) -> ChatRequest:
+    """Parse and validate a chat body; every problem is a 422 naming its field.
+
+    `translate` turns a wire dialect's body into a native one before validation.
+    """
     raw = await request.body()
     if not raw.strip():
         raise Invalid("a JSON request body is required", "body")
@@ -30,6 +36,8 @@ async def read_chat_request(request: Request, settings: Settings) -> ChatRequest
     if not isinstance(data, dict):
         raise Invalid("request body must be a JSON object", "body")
     check_json_depth(data, settings.limits.max_json_depth, raw)  # before anything recursive walks it
+    if translate is not None:
+        data = translate(data)
     try:
         chat = ChatRequest.model_validate(data)
     except ValidationError as exc:

@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import GatewayError, RateLimited, RunFailed, Unauthenticated, Unavailable, pydantic_details
 from ..events import new_ulid
+from .dialects import error_body_for
 from .security_headers import SECURITY_HEADERS
 
 log = logging.getLogger("backstream.app")
@@ -33,6 +34,7 @@ STATUS_BY_TYPE = {
     "rate_limit_error": 429,
     "upstream_error": 502,
     "overloaded_error": 503,
+    "model_unavailable": 503,
     "timeout_error": 504,
     "api_error": 500,
 }
@@ -53,9 +55,10 @@ def error_response(
     scope: Scope, status: int, type: str, message: str, details: Any = None, headers: dict[str, str] | None = None
 ) -> Response:
     request_id = request_id_of(scope)
+    body = error_body_for(scope) or error_body  # the shape the client's dialect parses
     # Set here too: a 500 is answered outside the middleware that adds it to everything else.
     return Response(
-        error_body(type, message, request_id, details),
+        body(type, message, request_id, details),
         status_code=status,
         media_type="application/json",
         headers={**SECURITY_HEADERS, **(headers or {}), "x-request-id": request_id},

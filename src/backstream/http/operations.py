@@ -6,6 +6,8 @@ Health, readiness and metrics need no credentials and reveal no tenant data.
 from __future__ import annotations
 
 import logging
+import time
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -38,10 +40,17 @@ async def readyz(request: Request) -> Response:
     if store_problem:
         problems["store"] = store_problem
     if problems:
-        # Unauthenticated: name the component, keep addresses and error texts in the log.
+        # Unauthenticated: name the component, keep addresses and error texts in the log. A missing
+        # key variable's name is configuration, not a secret: it is said.
+        public = {
+            f"models.{name}": f"not ready: environment variable {var} (api_key_env) is not set"
+            for name, var in s.models.missing_keys().items()
+        }
         for field, reason in problems.items():
             log.warning("not ready: %s: %s", field, reason)
-        details = [{"field": field, "message": "not ready", "type": "not_ready"} for field in problems]
+        details = [
+            {"field": field, "message": public.get(field, "not ready"), "type": "not_ready"} for field in problems
+        ]
         return error_response(request.scope, 503, "overloaded_error", "not ready", details)
     return ORJSONResponse({"status": "ready"})
 
@@ -66,15 +75,24 @@ async def metrics_endpoint(request: Request) -> Response:
 async def list_models(request: Request) -> ModelList:
     """The model names and aliases this server routes."""
     models = services(request).models
-    return ModelList(
-        data=[
-            ModelInfo(
-                id=m.name,
-                provider=m.provider,
-                aliases=m.aliases,
-                default=m.name == models.resolve(None).name,
-                max_concurrency=m.max_concurrency,
-            )
-            for m in models.models.values()
-        ]
-    )
+    data = [
+        ModelInfo(
+            id=m.name,
+            provider=m.provider,
+            aliases=m.aliases,
+            default=m.name == models.lookup(None).name,
+            max_concurrency=m.max_concurrency,
+            created=int(STARTED_AT),
+            display_name=m.name,
+            created_at=_rfc3339(STARTED_AT),
+        )
+        for m in models.models.values()
+    ]
+    return ModelList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
+
+
+STARTED_AT = time.time()  # the table's models exist since the server started
+
+
+def _rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -6,6 +6,7 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import logs
 from ..events import new_ulid
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch only: `$` accepts a trailing newline
@@ -24,6 +25,7 @@ class RequestIdMiddleware:
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID.fullmatch(incoming) else "req_" + new_ulid()
         scope.setdefault("state", {})["request_id"] = request_id
+        logs.bind(request_id=request_id)  # this request's log lines carry it
         rid_header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: Message) -> None:

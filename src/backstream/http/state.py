@@ -12,6 +12,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import Scope
 
+from .. import logs
 from ..auth import ANONYMOUS, ANONYMOUS_TENANT, Principal
 from ..config import Settings
 from ..deployment import Deployment
@@ -45,6 +46,7 @@ def set_caller(scope: Scope, principal: Principal, tenant: str) -> None:
     state = scope.setdefault("state", {})
     state["principal"] = principal
     state["tenant"] = tenant
+    logs.bind(tenant=tenant)  # this request's log lines (and the runs it starts) carry it
 
 
 def principal_of(request: Request) -> Principal:

@@ -166,15 +166,22 @@ class AnthropicProvider(Provider):
     async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncGenerator[Delta, None]:
         body = build_payload(self.config.upstream_model, self.config.max_tokens, request, warnings)
         parser = AnthropicStreamParser()
+        unavailable = self.unavailable()
+        if unavailable is not None:  # never call upstream with a placeholder key
+            raise unavailable
         try:
             # As in the openai provider: the validated body skips the SDK's per-field transform.
             async with self._client.messages.with_streaming_response.create(
                 model=body["model"], max_tokens=body["max_tokens"], messages=[], stream=True, extra_body=body
             ) as response:
                 decoder = SSEDecoder()
+                done = False
                 async for raw in response.http_response.aiter_raw():
+                    if done:
+                        continue  # past message_stop: drain, so the connection can be reused
                     for kind, data in decoder.feed(raw):
                         if kind == b"message_stop":
+                            done = True
                             break
                         try:
                             event = orjson.loads(data)

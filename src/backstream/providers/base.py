@@ -10,6 +10,7 @@ Tuples rather than objects because this is the hot path (one per upstream token)
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -25,6 +26,11 @@ RATE_LIMITED = "overloaded_error"  # upstream 429: to the client it is overload,
 OVERLOADED = "overloaded_error"
 UPSTREAM = "upstream_error"
 TIMEOUT = "timeout_error"
+MODEL_UNAVAILABLE = "model_unavailable"  # not callable as configured: no request goes upstream
+
+
+def unavailable_message(model: str, var: str) -> str:
+    return f"model {model} is unavailable: its API key variable {var} (api_key_env) is not set on the server"
 
 
 class UpstreamError(Exception):
@@ -112,9 +118,22 @@ class Provider:
         """Start the upstream call. Raise `UpstreamError` for failures; closing the iterator closes the call."""
         raise NotImplementedError
 
+    def missing_key(self) -> str | None:
+        """The name of the `api_key_env` variable when it is configured but unset or empty."""
+        var = self.config.api_key_env
+        return var if var and not os.environ.get(var) else None
+
+    def unavailable(self) -> UpstreamError | None:
+        """Why this model cannot be called at all (checked before any request goes upstream)."""
+        var = self.missing_key()
+        if var is None:
+            return None
+        return UpstreamError(MODEL_UNAVAILABLE, unavailable_message(self.config.name, var))
+
     async def check(self) -> str | None:
         """Readiness: None when usable, else a reason."""
-        return None
+        var = self.missing_key()
+        return None if var is None else f"environment variable {var} (api_key_env) is not set"
 
     async def aclose(self) -> None:
         return None

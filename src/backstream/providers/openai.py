@@ -253,6 +253,9 @@ class OpenAIProvider(Provider):
     async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncGenerator[Delta, None]:
         body = build_payload(self.config, request, warnings, extra_sampling=self.config.extra_sampling)
         model = body.pop("model")
+        unavailable = self.unavailable()
+        if unavailable is not None:  # never call upstream with a placeholder key
+            raise unavailable
         try:
             # The body is already validated and shaped: it goes in extra_body as it is, so the SDK's
             # per-field transform (a walk over every message) is skipped; see bench/sdk_parse.py.

@@ -4,20 +4,32 @@ A backend implements durable I/O (`_persist`, `_load_events`, the run record
 methods). The base keeps, for runs appended by this process, the recent events
 in memory with their SSE frames already built, so a thousand watchers of a
 thousand runs cost one serialisation per event and no extra reads.
+
+Those tails are a cache, never the record: a run's tail goes once the run is over
+here and its last watcher has left (later replays read the backend), and all tails
+together stay within a byte budget (`tail_cache_bytes`, from `runs.tail_cache_bytes`):
+past it, the least recently published tails let go of their events, those nobody
+watches first. A watcher whose cursor is older than what its tail holds reads the
+backend, so dropping events from a tail never hides one from anybody.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .. import metrics
 from ..events import Event
 from ..redis_keys import Key
 from ..statuses import TERMINAL, RunStatus
 from .tail import Tail
+
+TAIL_CACHE_BYTES = 64 * 1024 * 1024  # default of runs.tail_cache_bytes
+EVICT_TO = 0.75  # an eviction frees down to this share of the budget, so it runs rarely
 
 
 class FencedOut(Exception):
@@ -68,7 +80,11 @@ class StreamStore:
 
     def __init__(self) -> None:
         self.closing = False  # shutting down: watchers of runs that go on elsewhere are let go
+        # Ordered least recently published first (publishing moves a tail to the end): the eviction order.
         self._tails: dict[Key, Tail] = {}
+        self.tail_cache_bytes = TAIL_CACHE_BYTES  # budget for what all tails hold (see tail.cost)
+        self.cached_bytes = 0  # what they hold now
+        self._watchers: dict[Key, int] = {}  # watch streams open in this process, per run
         self._pending: list[tuple[Key, Event]] = []
         self._sync_waiters: list[asyncio.Future[None]] = []
         self._failures: dict[Key, Exception] = {}
@@ -106,8 +122,18 @@ class StreamStore:
         return 0
 
     def release(self, tenant: str, message_id: str) -> None:
-        """The run has ended here: forget what was kept for writing it."""
-        self._failures.pop((tenant, message_id), None)
+        """The run has ended here (or left this process): forget what was kept for writing it.
+
+        Its tail stays only while watchers are attached (the last one to leave drops it);
+        whoever replays the run later reads it from the backend.
+        """
+        key = (tenant, message_id)
+        self._failures.pop(key, None)
+        tail = self._tails.get(key)
+        if tail is not None:
+            tail.done = True
+            if key not in self._watchers and not tail.watched:
+                self._drop_tail(key)
 
     def wake(self, tenant: str, message_id: str) -> None:
         """Wake a run's watchers so they re-check it (it was deleted elsewhere)."""
@@ -190,10 +216,12 @@ class StreamStore:
                     # After a failed commit a run writes nothing more: a later batch would leave a gap.
                     if key not in self._failures:
                         grouped.setdefault(key, []).append(event)
+                flush_started = time.monotonic()
                 try:
                     failures = await self._persist_many(grouped) if grouped else {}
                 except Exception as exc:  # the whole commit failed
                     failures = dict.fromkeys(grouped, exc)
+                metrics.STORE_FLUSH_SECONDS.observe(time.monotonic() - flush_started)  # once per group commit
                 for key, events in grouped.items():
                     if key in failures:
                         self._failures[key] = failures[key]
@@ -215,10 +243,50 @@ class StreamStore:
 
     def _publish(self, key: Key, events: Sequence[Event]) -> None:
         """Durable events become visible: into the tail (the first watcher builds each frame, all share it), watchers woken."""
-        tail = self._tails.get(key)
+        tails = self._tails
+        tail = tails.pop(key, None)  # re-inserted last: the most recently published
         if tail is None:
-            tail = self._tails[key] = Tail(events[0].seq - 1)
-        tail.publish(events)
+            tail = Tail(events[0].seq - 1)
+        tails[key] = tail
+        self.cached_bytes += tail.publish(events)
+        if self.cached_bytes > self.tail_cache_bytes:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Over the budget: the least recently published tails let go of their events, down to EVICT_TO of it.
+
+        Tails nobody watches go first (an ended one entirely), then any. A tail that keeps its
+        watchers keeps its position and waiters; they read what it no longer holds from the backend.
+        """
+        target = int(self.tail_cache_bytes * EVICT_TO)
+        for idle_only in (True, False):
+            for key, tail in list(self._tails.items()):
+                if self.cached_bytes <= target:
+                    return
+                watched = key in self._watchers or tail.watched
+                if idle_only and watched:
+                    continue
+                if (tail.done or tail.ended) and not watched:
+                    self._drop_tail(key)
+                else:
+                    self.cached_bytes -= tail.clear()
+
+    @contextlib.contextmanager
+    def watching(self, tenant: str, message_id: str) -> Iterator[None]:
+        """Around one watch stream: a run's tail is kept while somebody watches it, and dropped when
+        the last watcher of a run that is over here (or whose tail holds nothing) leaves."""
+        key = (tenant, message_id)
+        self._watchers[key] = self._watchers.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._watchers.pop(key) - 1
+            if left:
+                self._watchers[key] = left
+            else:
+                tail = self._tails.get(key)
+                if tail is not None and not tail.watched and (tail.done or tail.ended or not tail.events):
+                    self._drop_tail(key)
 
     async def read(self, tenant: str, message_id: str, after: int = 0, limit: int = 512) -> list[Event]:
         """Events with position > after, oldest first, at most `limit`."""
@@ -273,12 +341,6 @@ class StreamStore:
             self._drop_tail(key)
         return len(keys)
 
-    def forget(self, tenant: str, message_id: str) -> None:
-        """Drop the in-memory tail of a finished run (its events stay in the backend)."""
-        tail = self._tails.get((tenant, message_id))
-        if tail is not None and not tail.watched:
-            del self._tails[(tenant, message_id)]
-
     def _tail_of(self, key: Key) -> Tail | None:
         """This process's tail of a run, if it keeps one (for backends that feed tails themselves)."""
         return self._tails.get(key)
@@ -290,4 +352,5 @@ class StreamStore:
     def _drop_tail(self, key: Key) -> None:
         tail = self._tails.pop(key, None)
         if tail is not None:
+            self.cached_bytes -= tail.bytes
             tail.wake()  # watchers re-check, find the run gone, and close

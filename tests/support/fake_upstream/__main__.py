@@ -10,7 +10,9 @@ from .server import FakeUpstream
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.support.fake_upstream", description="A scriptable fake LLM upstream.")
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.support.fake_upstream", description="A scriptable fake LLM upstream."
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0 picks a free port")
     ap.add_argument("--record", action="store_true", help="keep a record of every request (memory grows)")

@@ -64,8 +64,22 @@ def _event(name: bytes, payload: dict) -> bytes:
 
 def _message_start(mid: str, model: str | None, reply: Reply) -> bytes:
     pt, _ = usage_of(reply)
-    usage = {"input_tokens": pt, "output_tokens": 1, "cache_creation_input_tokens": reply.cache[0], "cache_read_input_tokens": reply.cache[1]}
-    message: dict[str, Any] = {"id": mid, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}
+    usage = {
+        "input_tokens": pt,
+        "output_tokens": 1,
+        "cache_creation_input_tokens": reply.cache[0],
+        "cache_read_input_tokens": reply.cache[1],
+    }
+    message: dict[str, Any] = {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": usage,
+    }
     return _event(b"message_start", {"type": "message_start", "message": message})
 
 
@@ -78,7 +92,14 @@ class _Blocks:
 
     def add(self, block: dict, deltas: Sequence[dict], trailing: Sequence[dict] = ()) -> None:
         """`deltas` are content chunks (counted for pacing and faults), `trailing` are not."""
-        self.body.append((_event(b"content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block}), False))
+        self.body.append(
+            (
+                _event(
+                    b"content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block}
+                ),
+                False,
+            )
+        )
         prefix = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":' % self.index
         self.body.extend((frame(prefix + _dumps(d) + b"}\n\n"), True) for d in deltas)
         self.body.extend((frame(prefix + _dumps(d) + b"}\n\n"), False) for d in trailing)
@@ -93,7 +114,11 @@ def stream_plan(mid: str, model: str | None, reply: Reply, request: dict) -> Pla
     blocks = _Blocks(p)
     if reply.reasoning:
         thinking = [{"type": "thinking_delta", "thinking": r} for r in reply.reasoning]
-        blocks.add({"type": "thinking", "thinking": "", "signature": ""}, thinking, [{"type": "signature_delta", "signature": "fake-signature"}])
+        blocks.add(
+            {"type": "thinking", "thinking": "", "signature": ""},
+            thinking,
+            [{"type": "signature_delta", "signature": "fake-signature"}],
+        )
     if reply.tokens:
         blocks.add({"type": "text", "text": ""}, [{"type": "text_delta", "text": t} for t in reply.tokens])
     for tc in reply.tool_calls:
@@ -111,7 +136,11 @@ def stream_plan(mid: str, model: str | None, reply: Reply, request: dict) -> Pla
         b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, '
         b'"delta": {"type": "text_delta", "text": "x"\n\n'
     )
-    p.error = frame(b"event: error\ndata: " + _dumps({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}) + b"\n\n")
+    p.error = frame(
+        b"event: error\ndata: "
+        + _dumps({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        + b"\n\n"
+    )
     return p
 
 
@@ -133,9 +162,16 @@ def whole(mid: str, model: str | None, reply: Reply) -> dict:
         content.append({"type": "thinking", "thinking": "".join(reply.reasoning), "signature": "fake-signature"})
     if reply.tokens:
         content.append({"type": "text", "text": "".join(reply.tokens)})
-    content.extend({"type": "tool_use", "id": tc.id, "name": tc.name, "input": _tool_input(tc)} for tc in reply.tool_calls)
+    content.extend(
+        {"type": "tool_use", "id": tc.id, "name": tc.name, "input": _tool_input(tc)} for tc in reply.tool_calls
+    )
     pt, ct = usage_of(reply)
-    usage = {"input_tokens": pt, "output_tokens": ct, "cache_creation_input_tokens": reply.cache[0], "cache_read_input_tokens": reply.cache[1]}
+    usage = {
+        "input_tokens": pt,
+        "output_tokens": ct,
+        "cache_creation_input_tokens": reply.cache[0],
+        "cache_read_input_tokens": reply.cache[1],
+    }
     return {
         "id": mid,
         "type": "message",

@@ -24,7 +24,9 @@ class BadRequest(Exception):
 class Request:
     __slots__ = ("method", "path", "query", "version", "headers", "body", "keep_alive")
 
-    def __init__(self, method: str, path: str, query: str, version: str, headers: dict[str, str], body: bytes, keep_alive: bool) -> None:
+    def __init__(
+        self, method: str, path: str, query: str, version: str, headers: dict[str, str], body: bytes, keep_alive: bool
+    ) -> None:
         self.method = method
         self.path = path
         self.query = query
@@ -91,7 +93,17 @@ class _Parsing:
         path, _, query = self._url.decode("latin-1").partition("?")
         version = f"HTTP/{p.get_http_version()}"
         body = b"".join(self._body)
-        self.ready.append(Request(p.get_method().decode("latin-1").upper(), path, query, version, self._headers, body, p.should_keep_alive()))
+        self.ready.append(
+            Request(
+                p.get_method().decode("latin-1").upper(),
+                path,
+                query,
+                version,
+                self._headers,
+                body,
+                p.should_keep_alive(),
+            )
+        )
         self.in_head = True
 
 

@@ -51,7 +51,14 @@ def finish_reason(reply: Reply) -> str:
 
 def error_body(status: int, etype: str | None = None, message: str | None = None) -> dict:
     t, code = _ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
-    return {"error": {"message": message or f"Fake upstream error {status}", "type": etype or t, "param": None, "code": code}}
+    return {
+        "error": {
+            "message": message or f"Fake upstream error {status}",
+            "type": etype or t,
+            "param": None,
+            "code": code,
+        }
+    }
 
 
 def overloaded() -> tuple[int, dict]:
@@ -70,7 +77,9 @@ def _usage(reply: Reply) -> dict[str, Any]:
 
 
 def _tool_call_header(i: int, tc: Any) -> dict:
-    return {"tool_calls": [{"index": i, "id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": ""}}]}
+    return {
+        "tool_calls": [{"index": i, "id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": ""}}]
+    }
 
 
 def stream_plan(rid: str, model: str | None, reply: Reply, request: dict) -> Plan:
@@ -80,7 +89,9 @@ def stream_plan(rid: str, model: str | None, reply: Reply, request: dict) -> Pla
     p = Plan()
     # Every chunk shares this prefix; it is encoded once.
     base = b'{"id":"%b","object":"chat.completion.chunk","created":%d,"model":%b,"system_fingerprint":null,' % (
-        rid.encode(), int(time.time()), _dumps(model),
+        rid.encode(),
+        int(time.time()),
+        _dumps(model),
     )
     head = b"data: " + base + b'"choices":[{"index":0,"delta":'
     tail = b',"logprobs":null,"finish_reason":null}]}\n\n'
@@ -93,20 +104,30 @@ def stream_plan(rid: str, model: str | None, reply: Reply, request: dict) -> Pla
     p.body.extend((ev({"content": t}), True) for t in reply.tokens)
     for i, tc in enumerate(reply.tool_calls):
         p.body.append((ev(_tool_call_header(i, tc)), False))
-        p.body.extend((ev({"tool_calls": [{"index": i, "function": {"arguments": frag}}]}), True) for frag in tc.arguments)
+        p.body.extend(
+            (ev({"tool_calls": [{"index": i, "function": {"arguments": frag}}]}), True) for frag in tc.arguments
+        )
 
     p.trailer.append(frame(head + b'{},"logprobs":null,"finish_reason":' + _dumps(finish_reason(reply)) + b"}]}\n\n"))
     if include_usage:
         p.trailer.append(frame(b"data: " + base + b'"choices":[],"usage":' + _dumps(_usage(reply)) + b"}\n\n"))
     p.trailer.append(frame(b"data: [DONE]\n\n"))
     p.malformed = frame(b'data: {"choices": [{"delta": {"content": "x"\n\n')
-    p.error = frame(b"data: " + _dumps({"error": {"message": "Overloaded", "type": "server_error", "param": None, "code": None}}) + b"\n\n")
+    p.error = frame(
+        b"data: "
+        + _dumps({"error": {"message": "Overloaded", "type": "server_error", "param": None, "code": None}})
+        + b"\n\n"
+    )
     return p
 
 
 def whole(rid: str, model: str | None, reply: Reply) -> dict:
     """The non-streamed completion."""
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.tokens) if reply.tokens else None, "refusal": None}
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(reply.tokens) if reply.tokens else None,
+        "refusal": None,
+    }
     if reply.reasoning:
         message["reasoning_content"] = "".join(reply.reasoning)
     if reply.tool_calls:

@@ -31,7 +31,9 @@ Finished = Callable[[Recorded, bool], None]  # (record, completed): the response
 _dumps = orjson.dumps
 
 
-async def produce(conn: Conn, req: Request, rec: Recorded, reply: Reply, fmt: ModuleType, n: int, finished: Finished) -> str:
+async def produce(
+    conn: Conn, req: Request, rec: Recorded, reply: Reply, fmt: ModuleType, n: int, finished: Finished
+) -> str:
     """Answer one model request in wire format `fmt` (openai.py or anthropic.py); returns an outcome."""
     try:
         return await _produce(conn, req, rec, reply, fmt, n, finished)
@@ -44,7 +46,9 @@ async def produce(conn: Conn, req: Request, rec: Recorded, reply: Reply, fmt: Mo
         raise
 
 
-async def _produce(conn: Conn, req: Request, rec: Recorded, reply: Reply, fmt: ModuleType, n: int, finished: Finished) -> str:
+async def _produce(
+    conn: Conn, req: Request, rec: Recorded, reply: Reply, fmt: ModuleType, n: int, finished: Finished
+) -> str:
     writer, keep_alive = conn.writer, req.keep_alive
     rid = fmt.response_id(n)
     id_header = (fmt.REQUEST_ID_HEADER, f"req_fake{n:08x}")
@@ -56,7 +60,14 @@ async def _produce(conn: Conn, req: Request, rec: Recorded, reply: Reply, fmt: M
             extra.append(("retry-after", reply.retry_after))
         elif reply.status == 429:
             extra.append(("retry-after", "0"))
-        writer.write(json_response(reply.status, _dumps(fmt.error_body(reply.status, reply.error_type, reply.error_message)), keep_alive, extra))
+        writer.write(
+            json_response(
+                reply.status,
+                _dumps(fmt.error_body(reply.status, reply.error_type, reply.error_message)),
+                keep_alive,
+                extra,
+            )
+        )
         await writer.drain()
         finished(rec, True)
         return DONE
@@ -68,7 +79,16 @@ async def _produce(conn: Conn, req: Request, rec: Recorded, reply: Reply, fmt: M
     return await sender.run(reply)
 
 
-async def _whole(conn: Conn, keep_alive: bool, rec: Recorded, reply: Reply, fmt: ModuleType, rid: str, id_header: tuple[str, str], finished: Finished) -> str:
+async def _whole(
+    conn: Conn,
+    keep_alive: bool,
+    rec: Recorded,
+    reply: Reply,
+    fmt: ModuleType,
+    rid: str,
+    id_header: tuple[str, str],
+    finished: Finished,
+) -> str:
     writer = conn.writer
     if reply.ttft > 0:
         await asyncio.sleep(reply.ttft)

@@ -212,7 +212,9 @@ class FakeUpstream:
 
     def wait_for_finish(self, recorded: Recorded, timeout: float = 5.0) -> Recorded:
         """Block until the fake is done with that request (finished, dropped or client-closed)."""
-        if not self._rec.wait(lambda: recorded.finished_at is not None or recorded.client_closed_at is not None, timeout):
+        if not self._rec.wait(
+            lambda: recorded.finished_at is not None or recorded.client_closed_at is not None, timeout
+        ):
             raise TimeoutError(f"request not finished within {timeout}s")
         return recorded
 
@@ -317,12 +319,27 @@ class FakeUpstream:
         fmt = _FORMATS.get(path) if req.method == "POST" else None
         if fmt is not None:
             return await self._serve_model(conn, req, fmt)
-        rec = Recorded(path=req.path, headers=req.headers, body={}, model=None, started_at=time.monotonic(), method=req.method, query=req.query)
+        rec = Recorded(
+            path=req.path,
+            headers=req.headers,
+            body={},
+            model=None,
+            started_at=time.monotonic(),
+            method=req.method,
+            query=req.query,
+        )
         if req.method == "GET" and path == "/v1/models":
-            data = [{"id": n, "object": "model", "created": 0, "owned_by": "fake-upstream"} for n in self._scripts.names()]
+            data = [
+                {"id": n, "object": "model", "created": 0, "owned_by": "fake-upstream"} for n in self._scripts.names()
+            ]
             status, body = 200, _dumps({"object": "list", "data": data})
         else:
-            error = {"message": f"Unknown request URL: {req.method} {req.path}", "type": "invalid_request_error", "param": None, "code": "unknown_url"}
+            error = {
+                "message": f"Unknown request URL: {req.method} {req.path}",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "unknown_url",
+            }
             status, body = 404, _dumps({"error": error})
         conn.writer.write(json_response(status, body, req.keep_alive))
         rec.status, rec.finished_at, rec.completed = status, time.monotonic(), True
@@ -337,18 +354,33 @@ class FakeUpstream:
             if not isinstance(body, dict):
                 raise ValueError("body is not an object")
         except ValueError:
-            conn.writer.write(json_response(400, _dumps(fmt.error_body(400, message="Request body is not valid JSON")), req.keep_alive))
+            conn.writer.write(
+                json_response(
+                    400, _dumps(fmt.error_body(400, message="Request body is not valid JSON")), req.keep_alive
+                )
+            )
             await conn.writer.drain()
             return req.keep_alive
 
         model = body.get("model")
         reply = self._scripts.next(model)
         rec = Recorded(
-            path=req.path, headers=req.headers, body=body, model=model if isinstance(model, str) else None, started_at=started,
-            method=req.method, query=req.query, provider=fmt.NAME, stream=body.get("stream") is True, reply=reply, status=reply.status,
+            path=req.path,
+            headers=req.headers,
+            body=body,
+            model=model if isinstance(model, str) else None,
+            started_at=started,
+            method=req.method,
+            query=req.query,
+            provider=fmt.NAME,
+            stream=body.get("stream") is True,
+            reply=reply,
+            status=reply.status,
         )
         self._rec.model_request(rec)
-        producer = asyncio.get_running_loop().create_task(produce(conn, req, rec, reply, fmt, next(self._ids), self._rec.finished))
+        producer = asyncio.get_running_loop().create_task(
+            produce(conn, req, rec, reply, fmt, next(self._ids), self._rec.finished)
+        )
         try:
             return await self._watch_client(conn, req, rec, producer)
         finally:
