@@ -72,6 +72,16 @@ def stream_events(port: int) -> list[str]:
     return events
 
 
+def docs_assets(port: int) -> None:
+    """/docs and /redoc load their scripts from the server (the fastapi-offline package): installed with the wheel."""
+    for path in ("/docs", "/redoc", "/docs/static/swagger-ui-bundle.js", "/docs/static/redoc.standalone.js"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        if resp.status != 200 or not resp.read():
+            raise RuntimeError(f"GET {path}: {resp.status}")
+
+
 def serve(exe: str, workdir: str) -> None:
     port = free_port()
     log = open(Path(workdir) / "server.log", "wb")
@@ -81,6 +91,7 @@ def serve(exe: str, workdir: str) -> None:
     )
     try:
         wait_ready(port, proc)
+        docs_assets(port)
         events = stream_events(port)
         if not events or events[0] != "stream_start" or events[-1] != "stream_end" or "text_delta" not in events:
             raise RuntimeError(f"unexpected events: {events}")

@@ -348,7 +348,8 @@ def test_cancelling_local_model_stops_generation(http: httpx.Client) -> None:
         "/v1/messages", json={"model": "local", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
     )
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] <= 4
-    assert time.monotonic() - started < 5, "the cancelled generation released the model at once"
+    # Generous for a loaded machine: an uncancelled 4000-token generation would hold the slot for minutes.
+    assert time.monotonic() - started < 20, "the cancelled generation released the model at once"
     status = http.get(f"/v1/messages/async/{long_run}/status").json()
     assert status["status"] == "cancelled"
 

@@ -149,7 +149,9 @@ def test_missing_key_answers_503_model_unavailable_without_calling_upstream(
     # text format: the access line, with the request's context as key=value
     rid, mid = ok.headers["x-request-id"], ok.json()["id"]
     deadline = time.monotonic() + 5
-    while not (found := [line for line in keyless.log_path.read_text().splitlines() if f"request_id={rid}" in line]):
+    lines = keyless.log_path.read_text
+    # Other lines carry the request id too (the upstream call's): wait for the access line itself.
+    while not (found := [ln for ln in lines().splitlines() if f"request_id={rid}" in ln and "backstream.access" in ln]):
         assert time.monotonic() < deadline, "no access line"
         time.sleep(0.02)
     assert "backstream.access: POST /v1/messages 200" in found[-1] and f"message_id={mid}" in found[-1]

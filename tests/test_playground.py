@@ -77,7 +77,11 @@ def test_background_run_resumes_after_reload(
     page.fill("#prompt", "Tell me a long story about a fox who lives by a river.")
     page.click("#start-btn")
     watcher = page.locator(".watcher").first
-    page.wait_for_function("() => Number(document.querySelector('.watcher .status').dataset.seq) >= 5")
+    # The watcher appears once the start request has answered: until then there is nothing to read.
+    page.wait_for_function(
+        "() => { const s = document.querySelector('.watcher .status'); return s && Number(s.dataset.seq) >= 5; }",
+        timeout=60_000,
+    )
     before_text = watcher.locator("pre.text").text_content() or ""
     before_seq = int(watcher.locator(".status").get_attribute("data-seq") or 0)
     run_id = watcher.get_attribute("data-run")
@@ -125,10 +129,11 @@ def test_several_watchers_chat_and_runs_panel(
     page.wait_for_function("() => document.querySelectorAll('.watcher .status[data-done=true]').length === 3")
     texts = page.locator(".watcher pre.text").all_text_contents()
     assert texts == ["Hello, world!"] * 3, "three watchers of one run, side by side, the same text"
-    listing = http.get("/v1/messages/async", params={"limit": 1})
-    assert page.locator("#runs-panel").is_hidden() == (listing.status_code != 200), (
-        "the runs panel only with a listing endpoint"
-    )
+    assert http.get("/v1/messages/async", params={"limit": 1}).status_code == 200
+    page.click("#runs-refresh")
+    mid = page.locator(".watcher .run-id").first.text_content() or ""
+    page.locator("#runs tbody tr", has_text=mid).first.wait_for()  # the runs panel lists the run
+    assert page.locator("#runs-panel").is_visible() and mid.startswith("msg_")
     shoot(page, tmp_path, "playground-watchers")
 
 

@@ -43,7 +43,11 @@ async def test_keys_share_a_hash_tag_and_prefix(pair: tuple[RedisStore, RedisSto
     await a.claim("acme", "m1")
     await a.append("acme", "m1", [ev("m1", 1)])
     keys = sorted([k.decode() async for k in a.redis.scan_iter(match=f"{a.prefix}:*")])
-    assert keys == [f"{a.prefix}:run:{{acme/m1}}:events", f"{a.prefix}:run:{{acme/m1}}:meta"]
+    assert keys == [
+        f"{a.prefix}:run:{{acme/m1}}:events",
+        f"{a.prefix}:run:{{acme/m1}}:meta",
+        f"{a.prefix}:runs:{{acme}}",  # the tenant's listing index
+    ]
     entries = await a.redis.xrange(a.events_key(("acme", "m1")))
     assert [(eid, f[b"t"]) for eid, f in entries] == [(b"1-0", b"text_delta")], "stream entry id = SSE position"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from backstream.events import Event
-from backstream.store import RunRecord, StreamStore
+from backstream.store import RunQuery, RunRecord, StreamStore
 from backstream.store.memory import MemoryStore
 from backstream.store.sqlite import SQLiteStore
 
@@ -227,3 +227,90 @@ async def test_group_commit_keeps_each_runs_order(store: StreamStore) -> None:
     assert await waiter is True
     for mid in ids:
         assert [e.seq for e in await store.read("t1", mid, limit=100)] == list(range(1, 31))
+
+
+# --- listing (GET /v1/messages/async) -------------------------------------------------------
+
+
+async def page_ids(store: StreamStore, tenant: str, query: RunQuery) -> tuple[list[str], RunQuery | None]:
+    """One page of ids, and the query of the next page (None: the last) as the HTTP layer builds it."""
+    got = await store.list_runs(tenant, RunQuery(**{**query.__dict__, "limit": query.limit + 1}))
+    page = got[: query.limit]
+    if len(got) <= query.limit:
+        return [r.message_id for r in page], None
+    last = page[-1]
+    return [r.message_id for r in page], RunQuery(**{**query.__dict__, "before": (last.created_at, last.message_id)})
+
+
+async def test_listing_is_newest_first_with_ties_by_id(store: StreamStore) -> None:
+    base = time.time() - 100
+    for mid, at in [("a", 1.0), ("b", 2.0), ("c", 2.0), ("d", 3.0)]:
+        assert await store.create_run(record(mid, created_at=base + at))
+    got = await store.list_runs("t1", RunQuery())
+    assert [r.message_id for r in got] == ["d", "c", "b", "a"]
+    assert got[0].status == "pending" and got[0].created_at == base + 3.0 and got[0].tenant == "t1"
+    assert [r.message_id for r in await store.list_runs("t1", RunQuery(limit=2))] == ["d", "c"]
+    assert [r.message_id for r in await store.list_runs("t1", RunQuery(before=(base + 2.0, "c")))] == ["b", "a"]
+
+
+async def test_listing_pages_are_stable_under_inserts_and_deletes(store: StreamStore) -> None:
+    base = time.time() - 1000
+    ids = [f"r{i:02d}" for i in range(10)]
+    for i, mid in enumerate(ids):
+        # pairs share a created_at: ties must be cut by id, never repeated or skipped across pages
+        assert await store.create_run(record(mid, created_at=base + i // 2))
+    seen, query = await page_ids(store, "t1", RunQuery(limit=3))
+    assert seen == ["r09", "r08", "r07"]
+    # Between pages: newer runs arrive, a seen run and an unseen one go.
+    await store.create_run(record("new1", created_at=base + 500))
+    await store.create_run(record("z", created_at=base + 3))  # r07's created_at, an id sorting before it
+    assert await store.delete_run("t1", "r08") and await store.delete_run("t1", "r04")
+    while query is not None:
+        more, query = await page_ids(store, "t1", query)
+        seen += more
+    assert seen == ["r09", "r08", "r07", "r06", "r05", "r03", "r02", "r01", "r00"], "no repeat, no skip"
+    assert len(set(seen)) == len(seen)
+    everything, _ = await page_ids(store, "t1", RunQuery(limit=100))
+    assert everything[:4] == ["new1", "r09", "z", "r07"] and "r08" not in everything
+
+
+async def test_listing_is_per_tenant(store: StreamStore) -> None:
+    await store.create_run(record("mine", tenant="a"))
+    await store.create_run(record("theirs", tenant="b"))
+    await store.create_run(record("same", tenant="a"))
+    await store.create_run(record("same", tenant="b"))
+    assert sorted(r.message_id for r in await store.list_runs("a", RunQuery())) == ["mine", "same"]
+    assert {r.tenant for r in await store.list_runs("b", RunQuery())} == {"b"}
+    assert await store.list_runs("c", RunQuery()) == []
+    assert await store.delete_run("b", "same")
+    assert sorted(r.message_id for r in await store.list_runs("a", RunQuery())) == ["mine", "same"]
+
+
+async def test_listing_filters(store: StreamStore) -> None:
+    base = time.time() - 100
+    runs = [
+        ("p", "pending", "m1", 1),
+        ("c1", "completed", "m1", 2),
+        ("c2", "completed", "m2", 3),
+        ("e", "error", "m2", 4),
+    ]
+    for mid, status, model, at in runs:
+        await store.create_run(record(mid, status=status, model=model, created_at=base + at))
+
+    async def ids(**kw: object) -> list[str]:
+        return [r.message_id for r in await store.list_runs("t1", RunQuery(**kw))]  # type: ignore[arg-type]
+
+    assert await ids(status="completed") == ["c2", "c1"]
+    assert await ids(model="m2") == ["e", "c2"]
+    assert await ids(status="completed", model="m1") == ["c1"]
+    assert await ids(created_after=base + 2) == ["e", "c2", "c1"], "created_after is inclusive"
+    assert await ids(created_before=base + 3) == ["c1", "p"], "created_before is exclusive"
+    assert await ids(created_after=base + 2, created_before=base + 4, status="completed") == ["c2", "c1"]
+    assert await ids(status="cancelled") == []
+    await store.update_run("t1", "p", status="cancelled")
+    assert await ids(status="cancelled") == ["p"], "the status filter sees the current status"
+    # A filter that skips most runs still fills the page (Redis reads its index in batches).
+    for i in range(120):
+        await store.create_run(record(f"x{i:03d}", status="pending", model="m3", created_at=base + 10 + i))
+    assert await ids(status="completed", limit=2) == ["c2", "c1"]
+    assert len(await ids(model="m3", limit=100)) == 100

@@ -467,6 +467,13 @@ class StreamStatus(BaseModel):
     metadata: StreamMetadata
 
 
+class RunList(BaseModel):
+    """One page of a tenant's runs, newest first; pass `next_cursor` back as `cursor` for the next (null: the last)."""
+
+    data: list[StreamStatus]
+    next_cursor: str | None
+
+
 class Cancelled(BaseModel):
     message: str = "Stream cancelled successfully"
     message_id: str

@@ -61,6 +61,15 @@ class EgressSettings(_Section):
     allow_private: bool = False
 
 
+class WebhookConfig(_Section):
+    """One webhook endpoint: where run endings are POSTed, the variable holding its `whsec_…` secret, filters."""
+
+    url: str
+    secret_env: str = Field(min_length=1)  # the secret itself never goes in the file
+    events: list[Literal["run.completed", "run.failed", "run.cancelled", "run.error"]] | None = None  # None: all
+    tenants: list[str] | None = None  # None: every tenant
+
+
 class Quota(_Section):
     """Limits for one API key, token subject or tenant; 0 means unlimited."""
 
@@ -253,6 +262,14 @@ class MetricsSettings(_Section):
     tenant_labels: bool = False  # label runs and HTTP requests by tenant (only with few tenants)
 
 
+class TracingSettings(_Section):
+    """`tracing:` OpenTelemetry spans over OTLP/HTTP (needs the `otel` extra); the `OTEL_*` variables also apply."""
+
+    enabled: bool = False  # also on when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set, off when OTEL_SDK_DISABLED=true
+    endpoint: str | None = None  # OTLP/HTTP traces URL; default: from OTEL_EXPORTER_OTLP_*
+    service_name: str | None = None  # default: OTEL_SERVICE_NAME, else backstream
+
+
 class Settings(_Section):
     """The whole configuration: defaults, then the YAML file, then BACKSTREAM_* environment variables."""
 
@@ -262,6 +279,7 @@ class Settings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
     keepalive_s: float = Field(15.0, gt=0)
     shutdown_grace_s: float = Field(10.0, gt=0)  # SIGTERM: runs end, watchers get stream_end, exit within this
     redis: RedisSettings = RedisSettings()
@@ -272,6 +290,11 @@ class Settings(_Section):
     http: HttpSettings = HttpSettings()
     cors: CorsSettings = CorsSettings()
     mcp_servers: list[McpServerConfig] = []
+    webhooks: list[WebhookConfig] = []  # see webhooks.py
+    webhooks_retry_s: float = Field(3 * 3600.0, gt=0)  # a failing delivery is tried again this long after the run ended
+    webhooks_backoff_s: float = Field(5.0, gt=0)  # first pause after a failed attempt; doubles (with jitter) each time
+    webhooks_backoff_max_s: float = Field(600.0, gt=0)  # longest pause between attempts
+    webhooks_timeout_s: float = Field(10.0, gt=0)  # one attempt: connect and answer
     insecure_no_auth: bool = False  # serve a non-loopback address without authentication
     default_model: str = "local"
     models: list[ModelConfig] = Field(default_factory=list, validate_default=True)

@@ -12,7 +12,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from .background.executor import RunExecutor
-from .background.lifecycle import expire_finished
+from .background.lifecycle import expire_finished, on_run_end
 from .background.protocols import Dispatcher
 from .background.service import BackgroundRuns
 from .config import Settings
@@ -20,6 +20,9 @@ from .model_table import ModelTable
 from .quotas import Quotas, build_quotas
 from .redis_keys import RedisKeys
 from .store import StreamStore
+from .webhooks import Webhooks, build_webhooks
+
+RUN_INDEX_SLACK_S = 7 * 86400.0  # Redis listing index: members this long past retention are trimmed
 
 
 @dataclass
@@ -32,11 +35,15 @@ class Deployment:
     dispatcher: Dispatcher
     runs: BackgroundRuns
     retention_s: float
+    webhooks: Webhooks | None = None
     _expiry: asyncio.Task[None] | None = field(default=None, repr=False)
     _drained: bool = field(default=False, repr=False)
 
     async def start(self) -> None:
         """After the store is open: the dispatcher (recovery, claims, leases), then retention."""
+        if self.webhooks is not None:  # before recovery, which may end runs
+            await self.webhooks.start()
+            on_run_end(self.store, self.webhooks.run_ended)
         await self.dispatcher.start()
         self._expiry = asyncio.create_task(expire_finished(self.store, self.retention_s), name="runs:expiry")
 
@@ -49,6 +56,8 @@ class Deployment:
             self._expiry.cancel()
         await self.executor.stop_runs(timeout)
         await self.dispatcher.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         self.store.close_watchers()
 
     async def stop(self) -> None:
@@ -76,7 +85,9 @@ def _embedded(settings: Settings, models: ModelTable) -> Deployment:
         store = SQLiteStore(settings.data_path / "backstream.db")
     quotas = build_quotas(settings)
     executor = RunExecutor(settings, store, models, quotas)
-    return _assemble(settings, store, quotas, executor, LocalDispatcher(store, executor))
+    deployment = _assemble(settings, store, quotas, executor, LocalDispatcher(store, executor))
+    deployment.webhooks = build_webhooks(settings)
+    return deployment
 
 
 def _redis(settings: Settings, models: ModelTable) -> Deployment:
@@ -85,9 +96,12 @@ def _redis(settings: Settings, models: ModelTable) -> Deployment:
 
     keys = RedisKeys(settings.redis.key_prefix)
     store = RedisStore(settings.redis.url, settings.redis.key_prefix, settings.runs.max_events, keys=keys)
+    store.index_horizon_s = settings.runs.retention_s + RUN_INDEX_SLACK_S
     quotas = build_quotas(settings, store.redis, keys)
     executor = RunExecutor(settings, store, models, quotas)
-    return _assemble(settings, store, quotas, executor, RedisDispatcher(settings, store, keys, executor))
+    deployment = _assemble(settings, store, quotas, executor, RedisDispatcher(settings, store, keys, executor))
+    deployment.webhooks = build_webhooks(settings, store.redis)
+    return deployment
 
 
 def _assemble(

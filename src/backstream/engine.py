@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import logs, metrics
+from . import logs, metrics, tracing
 from .api_models import ChatRequest, Message, ToolResultBlock, ToolUseBlock
 from .blocks import StepAssembler, StepResult, StopMatcher
 from .config import EgressSettings, McpServerConfig, ModelConfig, Settings
@@ -89,6 +89,8 @@ class Run:
         )
         self.started_at: float | None = None  # monotonic: the run loop began (metrics)
         self.first_token_at: float | None = None  # monotonic: the first upstream delta arrived (metrics)
+        self.span: Any = None  # the run's span, the current model call's span: only when tracing is on
+        self.call_span: Any = None
         # Built in the request's task (sync) or the run's own task (background): its log lines carry these.
         logs.bind(message_id=message_id, model=config.name)
 
@@ -119,6 +121,11 @@ class Run:
 
     async def events(self) -> AsyncGenerator[Event, None]:
         self.started_at = time.monotonic()
+        if tracing.TRACER is not None:
+            self.span = tracing.start(
+                f"run {self.config.name}",
+                {"gen_ai.request.model": self.config.name, "backstream.run.id": self.message_id},
+            )
         try:
             # aclosing: when our consumer closes us, the steps (and the upstream request) close now, not at GC.
             async with contextlib.aclosing(self._steps()) as steps:
@@ -135,6 +142,16 @@ class Run:
             yield self.end_event(
                 FinishReason.ERROR, {"type": "api_error", "message": "internal error while running the request"}
             )
+        finally:
+            if self.span is not None:
+                self._end_span()
+
+    def _end_span(self) -> None:
+        tracing.usage(self.span, self.usage, self.finish_reason or "cancelled")
+        self.span.set_attribute("gen_ai.response.model", self.served_by.name)
+        if self.error is not None:
+            tracing.fail(self.span, self.error.get("type", "error"), self.error.get("message", ""))
+        self.span.end()
 
     async def _steps(self) -> AsyncGenerator[Event, None]:
         request = self.request
@@ -186,6 +203,8 @@ class Run:
 
         reserved = {t.name for t in self.request.tools or ()}
         toolbox = ToolBox(self.request.mcp_servers or [], self.request.tool_context, self.options, reserved)
+        if self.span is not None:
+            toolbox.trace_headers = tracing.headers(self.span)  # set-up requests: the run's trace
         if self.on_tool_setup is not None:
             self.on_tool_setup(True)
         try:
@@ -202,9 +221,22 @@ class Run:
     ) -> AsyncIterator[Event]:
         """Run the step's tool calls in order (so tool_result events follow the calls), collecting their results."""
         for call in calls:
-            content, is_error = await toolbox.call(call.name, call.input)
+            span = None if tracing.TRACER is None else self._tool_span(toolbox, call)
+            try:
+                content, is_error = await toolbox.call(call.name, call.input)
+                if span is not None and is_error:
+                    tracing.fail(span, "tool_error", content[:200])
+            finally:
+                if span is not None:
+                    span.end()
             yield self._event("tool_result", tool_call_id=call.id, name=call.name, content=content, is_error=is_error)
             results.append(ToolResultBlock(type="tool_result", tool_use_id=call.id, content=content, is_error=is_error))
+
+    def _tool_span(self, toolbox: ToolBox, call: ToolUseBlock) -> Any:
+        attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": call.name}
+        span = tracing.start(f"execute_tool {call.name}", attributes | {"gen_ai.tool.call.id": call.id}, self.span)
+        toolbox.trace_headers = tracing.headers(span)  # the MCP requests of this call carry its traceparent
+        return span
 
     def _check_output(self, result: StepResult) -> dict[str, str] | None:
         """Structured output: the final text must be JSON valid against the schema."""
@@ -245,8 +277,15 @@ class Run:
                 deltas, first = opened
                 try:
                     yield deltas, first
+                except UpstreamError as exc:  # after the first delta: the call failed mid-stream
+                    if self.call_span is not None:
+                        tracing.fail(self.call_span, exc.type, exc.message)
+                    raise
                 finally:
                     await deltas.aclose()
+                    if self.call_span is not None:
+                        self.call_span.end()
+                        self.call_span = None
                 return
         assert last is not None
         raise last
@@ -262,10 +301,15 @@ class Run:
                 await asyncio.sleep(_backoff(config, attempt, last))
             warnings: list[str] = []
             deltas = provider.stream(request, warnings)
+            span = None if tracing.TRACER is None else self._call_span(config)
             try:
-                first = await anext(deltas, None)
+                with tracing.current(span):  # the request goes out now: it carries the span's traceparent
+                    first = await anext(deltas, None)
             except UpstreamError as exc:
                 await deltas.aclose()
+                if span is not None:
+                    tracing.fail(span, exc.type, exc.message)
+                    span.end()
                 last = exc
                 metrics.upstream_failed(config.name, config.provider, exc.type)
                 log.warning("model %s attempt %d failed: %s", config.name, attempt + 1, exc.message)
@@ -274,8 +318,10 @@ class Run:
                 continue
             except BaseException:
                 await deltas.aclose()
+                if span is not None:
+                    span.end()
                 raise
-            self.served_by = config
+            self.served_by, self.call_span = config, span
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
             if not self.started:
@@ -289,6 +335,17 @@ class Run:
             return deltas, first
         assert last is not None
         return last
+
+    def _call_span(self, config: ModelConfig) -> Any:
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": config.provider,
+            "gen_ai.request.model": config.upstream_model or config.name,
+            "backstream.model": config.name,
+        }
+        if self.request.max_tokens is not None:
+            attributes["gen_ai.request.max_tokens"] = self.request.max_tokens
+        return tracing.start(f"chat {config.upstream_model or config.name}", attributes, self.span, "CLIENT")
 
     async def _step(
         self, step: int, deltas: AsyncIterator[Delta], first: Delta | None, assembler: StepAssembler
@@ -329,6 +386,8 @@ class Run:
             yield ev
         result = assembler.result()
         add_usage(self.usage, result.usage)
+        if self.call_span is not None:
+            tracing.usage(self.call_span, result.usage, result.finish_reason)
         yield self._event("step_finish", step=step, finish_reason=result.finish_reason, usage=result.usage)
 
 

@@ -24,6 +24,10 @@ class RedisKeys:
     def run_events(self, key: Key) -> str:
         return f"{self.prefix}:run:{{{key[0]}/{key[1]}}}:events"
 
+    def runs_index(self, tenant: str) -> str:
+        """A tenant's runs for listing: a sorted set, member message_id, score created_at in ms."""
+        return f"{self.prefix}:runs:{{{tenant}}}"
+
     @staticmethod
     def run_of_events(events_key: bytes) -> Key:
         """The run whose events stream this is (inverse of run_events)."""

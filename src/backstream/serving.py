@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import uvicorn
 
-from . import __version__
+from . import __version__, tracing
 from .config import ModelConfig, Settings, is_loopback
 
 log = logging.getLogger("backstream.serve")
@@ -45,6 +45,7 @@ def preflight(settings: Settings) -> None:
         _check_data_dir(settings.data_path)
     elif settings.store == "redis":
         _check_redis(settings.redis.url)
+    tracing.check(settings.tracing)  # tracing wanted without the otel extra: one line, not a traceback
 
 
 def _check_data_dir(path: Path) -> None:

@@ -19,6 +19,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx2
 import orjson
 
+from . import tracing
 from .api_models import McpServer, Tool
 from .config import EgressSettings, McpServerConfig
 from .egress import PinnedTransport, check_url_shape
@@ -69,6 +70,7 @@ class ToolBox:
         self._ready: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._connecting = "?"  # the server being set up, for the deadline's message
+        self.trace_headers: dict[str, str] | None = None  # traceparent of the current tool call (tracing on)
 
     @property
     def specs(self) -> list[Tool]:
@@ -163,6 +165,12 @@ class ToolBox:
         """An httpx2 client for one MCP server: pinned and checked unless the operator configured the server."""
         egress = self.egress
         hooks: dict[str, list[Any]] = {"request": [], "response": []}
+        if tracing.TRACER is not None:
+
+            async def propagate(request: httpx2.Request) -> None:  # the tool call's trace, else the run's
+                request.headers.update(self.trace_headers or {})
+
+            hooks["request"].append(propagate)
         if url.rstrip("/").endswith("/sse"):
             hooks["response"].append(_guard_sse_endpoint)
         if trusted:

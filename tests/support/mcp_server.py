@@ -37,10 +37,11 @@ def build_server() -> MCPServer:
 
 
 class McpHttpServer:
-    """Streamable HTTP at /mcp and SSE at /sse, on their own ports; records Authorization headers."""
+    """Streamable HTTP at /mcp and SSE at /sse, on their own ports; records Authorization and traceparent headers."""
 
     def __init__(self) -> None:
         self.authorizations: list[str | None] = []
+        self.traceparents: list[str | None] = []
         self.http_port = free_port()
         self.sse_port = free_port()
         self._servers: list[uvicorn.Server] = []
@@ -57,7 +58,9 @@ class McpHttpServer:
     def _recording(self, app: Any) -> Any:
         async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if scope["type"] == "http":
-                self.authorizations.append(dict(scope["headers"]).get(b"authorization", b"").decode() or None)
+                headers = dict(scope["headers"])
+                self.authorizations.append(headers.get(b"authorization", b"").decode() or None)
+                self.traceparents.append(headers.get(b"traceparent", b"").decode() or None)
             await app(scope, receive, send)
 
         return wrapped

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..events import Event
@@ -27,6 +29,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("backstream.lifecycle")
 
 CRASH_MESSAGE = "the server stopped while this run was in flight"
+
+# Told of every run's ending, per store (deployment.py attaches the webhooks outbox). Called with the
+# terminal record *before* the status write: a crash in between leaves the run unfinished, and whoever
+# ends it again (recovery, a takeover) derives the same status from the same stored stream_end and
+# tells the listener again, which must be idempotent. Its errors fail end_run like a failed status write.
+RunEndListener = Callable[[RunRecord], Awaitable[None]]
+_END_LISTENERS: weakref.WeakKeyDictionary[StreamStore, RunEndListener] = weakref.WeakKeyDictionary()
+
+
+def on_run_end(store: StreamStore, listener: RunEndListener) -> None:
+    _END_LISTENERS[store] = listener
 
 
 def status_of_end(end: dict[str, Any]) -> tuple[RunStatus, str | None]:
@@ -76,6 +89,9 @@ async def end_run(
     status, message = status_of_end(data)
     now = time.time()
     metadata = {**record.metadata, "event_count": end.seq, "usage": data.get("usage") or usage}
+    if (listener := _END_LISTENERS.get(store)) is not None:
+        ended = dict(status=status, updated_at=now, completed_at=now, error_message=message, event_count=end.seq)
+        await listener(record.changed(metadata=metadata, **ended))
     await store.update_run(
         *record.key,
         status=status,

@@ -20,6 +20,7 @@ from . import background_runs, chat_completions, messages, operations, responses
 from .access_log import AccessLogMiddleware
 from .authentication import AuthenticationMiddleware
 from .body_limit import BodyLimitMiddleware
+from .docs import install_docs
 from .errors import install_error_handlers
 from .json_response import ORJSONResponse
 from .openapi import install_openapi
@@ -29,6 +30,7 @@ from .request_id import RequestIdMiddleware
 from .security_headers import SecurityHeaders, add_cors
 from .state import Services, install
 from .store_outage import StoreOutageGuard
+from .tracing import install_tracing
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -59,11 +61,14 @@ def create_app(settings: Settings) -> FastAPI:
         description="Self-hosted LLM chat gateway with durable background chat streams.",
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
+        docs_url=None,  # http/docs.py serves /docs and /redoc with packaged assets
+        redoc_url=None,
     )
     install(app, Services(settings, models, deployment, RunOptions.from_settings(settings)))
     _install_middleware(app, settings, deployment.quotas, store)
     install_error_handlers(app)
     install_openapi(app)
+    install_docs(app)
     app.include_router(operations.router)
     app.include_router(messages.router)
     app.include_router(background_runs.router)
@@ -75,7 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 def _install_middleware(app: FastAPI, settings: Settings, quotas: Quotas, store: StreamStore) -> None:
     """Added innermost first; a request passes them in the reverse order:
-    access log → CORS → security headers → store outage → request id → authentication → rate limit → body limit."""
+    (tracing →) access log → CORS → security headers → store outage → request id → authentication → rate limit → body limit."""
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, quotas=quotas)  # needs the caller: inside authentication
     app.add_middleware(AuthenticationMiddleware, authenticator=Authenticator(settings.auth))
@@ -83,4 +88,5 @@ def _install_middleware(app: FastAPI, settings: Settings, quotas: Quotas, store:
     app.add_middleware(StoreOutageGuard, store=store)  # outside auth and rate limits, which read the store
     app.add_middleware(SecurityHeaders)  # response headers and CORS wrap everything, preflights bypass auth
     add_cors(app, settings.cors)
-    app.add_middleware(AccessLogMiddleware, enabled=settings.log.access)  # outermost: every answer, once it ended
+    app.add_middleware(AccessLogMiddleware, enabled=settings.log.access)  # every answer, once it ended
+    install_tracing(app, settings)  # when on, outermost: the request's span (under its traceparent) is current

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,13 +14,14 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from ..api_models import AsyncStarted, Cancelled, ErrorResponse, RunResult, StreamStatus
+from ..api_models import AsyncStarted, Cancelled, ErrorResponse, RunList, RunResult, StreamStatus
 from ..background.watch import follow_run
 from ..dialects import anthropic
 from ..errors import Invalid, NotFound
 from ..events import Event, new_message_id
 from ..results import fold_result
-from ..store import RunRecord
+from ..statuses import RunStatus
+from ..store import RunQuery, RunRecord, StreamStore
 from .chat_body import read_chat_request
 from .dialects import translated, wants_anthropic
 from .sse import EventStreamResponse
@@ -127,6 +131,86 @@ async def start(
     return {"message_id": record.message_id, "status": "pending", "message": "Request initiated successfully"}
 
 
+def encode_cursor(record: RunRecord) -> str:
+    """Opaque keyset cursor: base64url of [created_at, message_id] of the last run of a page."""
+    return base64.urlsafe_b64encode(orjson.dumps([record.created_at, record.message_id])).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, message_id = orjson.loads(raw)
+    except (binascii.Error, ValueError, TypeError):
+        raise Invalid("cursor is not a cursor this server returned", "cursor") from None
+    if (
+        not isinstance(created_at, (int, float))
+        or not isinstance(message_id, str)
+        or not MESSAGE_ID.fullmatch(message_id)
+    ):
+        raise Invalid("cursor is not a cursor this server returned", "cursor")
+    return float(created_at), message_id
+
+
+def parse_time(value: str | None, name: str) -> float | None:
+    """ISO 8601 (e.g. 2026-11-30T16:00:00Z; without an offset: UTC) -> unix seconds."""
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value.strip())
+        return (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):
+        raise Invalid(f"{name} must be an ISO 8601 date-time, e.g. 2026-11-30T16:00:00Z", name) from None
+
+
+def _run_query(request: Request, params: dict[str, Any]) -> RunQuery:
+    status, model, limit = params["status"], params["model"], params["limit"]
+    if status is not None and status not in RunStatus.__members__.values():
+        raise Invalid(f"status must be one of: {', '.join(RunStatus)}", "status")
+    if model is not None:
+        model = services(request).models.lookup(model).name  # an alias lists its model's runs
+    if not (limit.isascii() and limit.isdecimal()) or not 1 <= int(limit) <= 100:
+        raise Invalid("limit must be an integer from 1 to 100", "limit")
+    cursor = params["cursor"]
+    return RunQuery(
+        status=status,
+        model=model,
+        created_after=parse_time(params["created_after"], "created_after"),
+        created_before=parse_time(params["created_before"], "created_before"),
+        before=None if cursor is None else decode_cursor(cursor),
+        limit=int(limit),
+    )
+
+
+async def _status_of(store: StreamStore, record: RunRecord) -> dict[str, Any]:
+    count = record.event_count if record.terminal else await store.last_seq(record.tenant, record.message_id)
+    return status_body(record, count)
+
+
+@router.get(
+    "", response_model=RunList, responses={422: {"model": ErrorResponse, "description": "Bad filter or cursor"}}
+)
+async def list_runs(
+    request: Request,
+    status: str | None = Query(None, description="Only runs in this status (pending, processing, completed, …)"),
+    model: str | None = Query(None, description="Only runs of this configured model (name or alias)"),
+    created_after: str | None = Query(None, description="ISO 8601; runs created at or after it"),
+    created_before: str | None = Query(None, description="ISO 8601; runs created before it"),
+    limit: str = Query("20", description="Runs per page, 1 to 100"),
+    cursor: str | None = Query(None, description="`next_cursor` of the previous page"),
+) -> Any:
+    """This tenant's runs, newest first, one page at a time: each item is what `…/{message_id}/status` answers.
+
+    Pages are keyset pages: runs started or deleted between two requests neither repeat nor skip older runs."""
+    params = {"status": status, "model": model, "limit": limit, "cursor": cursor}
+    query = _run_query(request, {**params, "created_after": created_after, "created_before": created_before})
+    store = services(request).deployment.store
+    # One more than the page: whether there is a next page, without a second query.
+    records = await store.list_runs(tenant_of(request), replace(query, limit=query.limit + 1))
+    page = records[: query.limit]
+    data = [await _status_of(store, r) for r in page]
+    return {"data": data, "next_cursor": encode_cursor(page[-1]) if len(records) > query.limit else None}
+
+
 @router.get(
     "/{message_id}/stream",
     responses={
@@ -178,8 +262,7 @@ async def status(request: Request, message_id: str) -> Any:
     record = await store.get_run(tenant, _lookup_id(message_id))
     if record is None:
         raise NotFound()
-    count = record.event_count if record.terminal else await store.last_seq(tenant, message_id)
-    return status_body(record, count)
+    return await _status_of(store, record)
 
 
 @router.get("/{message_id}/result", response_model=RunResult, responses=_NOT_FOUND)

@@ -10,6 +10,7 @@ import anthropic
 import httpx2 as httpx  # the transport both official SDKs are built on
 import orjson
 
+from .. import tracing
 from ..api_models import ChatRequest, ThinkingEffort, ThinkingEnabled
 from .base import OVERLOADED, UPSTREAM, Delta, Provider, SSEDecoder, UpstreamError, sdk_error, timeout_for
 from .transport import sdk_http_client
@@ -172,7 +173,12 @@ class AnthropicProvider(Provider):
         try:
             # As in the openai provider: the validated body skips the SDK's per-field transform.
             async with self._client.messages.with_streaming_response.create(
-                model=body["model"], max_tokens=body["max_tokens"], messages=[], stream=True, extra_body=body
+                model=body["model"],
+                max_tokens=body["max_tokens"],
+                messages=[],
+                stream=True,
+                extra_body=body,
+                extra_headers=tracing.headers(),
             ) as response:
                 decoder = SSEDecoder()
                 done = False

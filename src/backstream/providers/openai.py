@@ -16,6 +16,7 @@ import httpx2 as httpx  # the transport both official SDKs are built on
 import openai
 import orjson
 
+from .. import tracing
 from ..api_models import (
     ChatRequest,
     DocumentBlock,
@@ -260,7 +261,7 @@ class OpenAIProvider(Provider):
             # The body is already validated and shaped: it goes in extra_body as it is, so the SDK's
             # per-field transform (a walk over every message) is skipped; see bench/sdk_parse.py.
             async with self._client.chat.completions.with_streaming_response.create(
-                model=model, messages=[], stream=True, extra_body=body
+                model=model, messages=[], stream=True, extra_body=body, extra_headers=tracing.headers()
             ) as response:
                 decoder = SSEDecoder()
                 done = False

@@ -7,6 +7,6 @@ an event becomes visible to them only after the backend has made it durable.
 
 from __future__ import annotations
 
-from .base import TERMINAL, FencedOut, RunRecord, StreamStore
+from .base import TERMINAL, FencedOut, RunQuery, RunRecord, StreamStore
 
-__all__ = ["TERMINAL", "FencedOut", "RunRecord", "StreamStore"]
+__all__ = ["TERMINAL", "FencedOut", "RunQuery", "RunRecord", "StreamStore"]

@@ -71,6 +71,35 @@ class RunRecord:
 RECORD_FIELDS = tuple(f.name for f in fields(RunRecord))
 
 
+@dataclass(frozen=True)
+class RunQuery:
+    """Which runs a listing wants: filters, a keyset cursor and a page size.
+
+    Order is newest first, ties broken by message_id (descending), so a page that starts strictly
+    after `before` = (created_at, message_id) of the last run seen neither repeats nor skips older
+    runs when new ones are inserted or others deleted between pages.
+    """
+
+    status: str | None = None
+    model: str | None = None
+    created_after: float | None = None  # created_at >= this (unix seconds)
+    created_before: float | None = None  # created_at < this
+    before: tuple[float, str] | None = None
+    limit: int = 20
+
+    def matches(self, record: RunRecord) -> bool:
+        """Whether a record passes the filters and comes after the cursor (for backends that scan)."""
+        if self.status is not None and record.status != self.status:
+            return False
+        if self.model is not None and record.model != self.model:
+            return False
+        if self.created_after is not None and record.created_at < self.created_after:
+            return False
+        if self.created_before is not None and record.created_at >= self.created_before:
+            return False
+        return self.before is None or (record.created_at, record.message_id) < self.before
+
+
 class StreamStore:
     """Runs and their append-only event logs. All methods are scoped by tenant."""
 
@@ -152,6 +181,12 @@ class StreamStore:
 
     async def unfinished(self) -> list[RunRecord]:
         """Runs left pending or processing (for recovery after a restart)."""
+        raise NotImplementedError
+
+    async def list_runs(self, tenant: str, query: RunQuery) -> list[RunRecord]:
+        """A tenant's runs matching `query`, newest first (ties: larger id first), after its keyset cursor.
+
+        Records may come without `request` (listing never needs it)."""
         raise NotImplementedError
 
     async def _delete(self, key: Key) -> bool:

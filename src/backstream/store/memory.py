@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..events import Event
-from .base import Key, RunRecord, StreamStore
+from .base import Key, RunQuery, RunRecord, StreamStore
 
 
 class MemoryStore(StreamStore):
@@ -37,6 +37,11 @@ class MemoryStore(StreamStore):
 
     async def unfinished(self) -> list[RunRecord]:
         return [r.changed() for r in self._runs.values() if not r.terminal]
+
+    async def list_runs(self, tenant: str, query: RunQuery) -> list[RunRecord]:
+        found = [r for r in self._runs.values() if r.tenant == tenant and query.matches(r)]  # a scan
+        found.sort(key=lambda r: (r.created_at, r.message_id), reverse=True)
+        return [r.changed() for r in found[: query.limit]]
 
     async def _delete(self, key: Key) -> bool:
         self._events.pop(key, None)

@@ -3,6 +3,12 @@
 Per run (all keys share the hash tag `{tenant/id}`, so Redis Cluster works):
   `…:meta`   a hash with the run record and its fencing token
   `…:events` a stream; entry id `<seq>-0` is the SSE position, fields t (type) and d (data)
+Per tenant, `…:runs:{tenant}` indexes its runs for listing (a sorted set scored by
+created_at in ms). It is in another hash slot than the runs, so it is written in the same
+round trip just before the run is created (never after: a run missing from it would never
+be listed), and kept in step lazily: a member whose meta is gone (deleted, expired by its
+PEXPIREAT) is skipped and removed when a listing meets it, and each create trims members
+older than `index_horizon_s`.
 Writes into a run are fenced: only the replica holding the current token may append
 or update it, so a replica presumed dead cannot write after its run was taken over.
 Watchers of runs executed elsewhere block on the streams with one multiplexed
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -28,7 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..events import Event
 from ..redis_keys import Key, RedisKeys
 from ..statuses import TERMINAL
-from .base import RECORD_FIELDS, FencedOut, RunRecord, StreamStore
+from .base import RECORD_FIELDS, FencedOut, RunQuery, RunRecord, StreamStore
 
 log = logging.getLogger("backstream.store.redis")
 
@@ -56,6 +63,8 @@ for i = 3, #ARGV, 3 do
 end
 return 1
 """
+INDEX_GRACE_S = 60.0  # an index member without meta younger than this may be a run being created
+_LIST_FIELDS = [n for n in RECORD_FIELDS if n != "request"]  # a listing never needs the stored request
 _NULLABLE = {"completed_at", "error_message", "expires_at"}
 _FLOATS = {"created_at", "updated_at", "completed_at", "expires_at"}
 _INTS = {"priority", "event_count"}
@@ -131,6 +140,8 @@ class RedisStore(StreamStore):
         self._block_id: int | None = None
         self._follow_changed = asyncio.Event()
         self._closing = False
+        # Index members older than this are trimmed (retention plus slack for long runs); None: never.
+        self.index_horizon_s: float | None = None
 
     # --- keys --------------------------------------------------------------------
     def meta_key(self, key: Key) -> str:
@@ -202,7 +213,17 @@ class RedisStore(StreamStore):
         for name in RECORD_FIELDS:
             args += [name, _encode(name, getattr(record, name))]
         args += ["fence", "0"]
-        return bool(await self._create(keys=[self.meta_key(record.key)], args=args))
+        index = self.keys.runs_index(record.tenant)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(index, {record.message_id: record.created_at * 1000}, nx=True)
+            if self.index_horizon_s is not None:
+                pipe.zremrangebyscore(index, "-inf", f"({(record.created_at - self.index_horizon_s) * 1000}")
+            await self._create(keys=[self.meta_key(record.key)], args=args, client=pipe)  # queues it
+            results = await pipe.execute()
+        created = bool(results[-1])
+        if created and not results[0]:  # a member left by an expired run of the same id: this run's time now
+            await self.redis.zadd(index, {record.message_id: record.created_at * 1000}, xx=True)
+        return created
 
     async def get_run(self, tenant: str, message_id: str) -> RunRecord | None:
         raw = await self.redis.hgetall(self.meta_key((tenant, message_id)))
@@ -231,7 +252,54 @@ class RedisStore(StreamStore):
 
     async def _delete(self, key: Key) -> bool:
         self._fences.pop(key, None)
-        return bool(await self.redis.delete(self.meta_key(key), self.events_key(key)))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.meta_key(key), self.events_key(key))
+            pipe.zrem(self.keys.runs_index(key[0]), key[1])
+            deleted, _ = await pipe.execute()
+        return bool(deleted)
+
+    async def list_runs(self, tenant: str, query: RunQuery) -> list[RunRecord]:
+        """Walk the tenant's index newest first in batches, reading the metas of each batch in one round trip."""
+        index = self.keys.runs_index(tenant)
+        top = "+inf" if query.created_before is None else f"({query.created_before * 1000}"
+        if query.before is not None:
+            top = str(query.before[0] * 1000)  # ties at the cursor's score are sorted out below
+        bottom = "-inf" if query.created_after is None else str(query.created_after * 1000)
+        batch = max(2 * query.limit, 50)
+        found: list[RunRecord] = []
+        offset = 0
+        while len(found) < query.limit:
+            members: Any = await self.redis.zrevrangebyscore(
+                index, top, bottom, start=offset, num=batch, withscores=True
+            )
+            if not members:
+                break
+            offset += len(members)
+            found += await self._listed(tenant, query, [(m.decode(), score) for m, score in members])
+        return found[: query.limit]
+
+    async def _listed(self, tenant: str, query: RunQuery, members: list[tuple[str, float]]) -> list[RunRecord]:
+        """The runs of `members` that still exist and match; members whose meta is gone leave the index
+        (only once older than INDEX_GRACE_S: a run being created is indexed just before its meta exists)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for mid, _ in members:
+                pipe.hmget(self.meta_key((tenant, mid)), _LIST_FIELDS)
+            rows = await pipe.execute()
+        out, gone = [], []
+        settled = (time.time() - INDEX_GRACE_S) * 1000
+        for (mid, score), row in zip(members, rows, strict=True):
+            if row[0] is None:  # no tenant field: the run was deleted or expired
+                if score < settled:
+                    gone.append(mid)
+                continue
+            record = RunRecord(
+                **_decode({n.encode(): v for n, v in zip(_LIST_FIELDS, row, strict=True) if v is not None})
+            )
+            if query.matches(record):
+                out.append(record)
+        if gone:
+            await self.redis.zrem(self.keys.runs_index(tenant), *gone)
+        return out
 
     async def _expire(self, now: float) -> list[Key]:
         return []  # keys carry their own expiry once the run ends

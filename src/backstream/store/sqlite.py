@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from ..events import Event
-from .base import RECORD_FIELDS, TERMINAL, Key, RunRecord, StreamStore
+from .base import RECORD_FIELDS, TERMINAL, Key, RunQuery, RunRecord, StreamStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
 CREATE INDEX IF NOT EXISTS runs_expiry ON runs (expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS runs_listing ON runs (tenant, created_at, message_id);
 CREATE TABLE IF NOT EXISTS events (
     tenant TEXT NOT NULL,
     message_id TEXT NOT NULL,
@@ -54,6 +55,8 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 _COLUMNS = ", ".join(RECORD_FIELDS)
+# Listing never needs the stored request: it is left out (an empty blob in its place).
+_LIST_COLUMNS = ", ".join("X'' AS request" if n == "request" else n for n in RECORD_FIELDS)
 _PLACEHOLDERS = ", ".join("?" for _ in RECORD_FIELDS)
 _STOP = object()
 
@@ -97,6 +100,29 @@ def _append_events(conn: sqlite3.Connection, batch: list[Any], i: int, results: 
     except sqlite3.Error as exc:
         results.extend((f, None, exc) for f in futs)
     return i
+
+
+def _listing_sql(tenant: str, query: RunQuery) -> tuple[str, tuple[Any, ...]]:
+    """One keyset page; the walk goes down the (tenant, created_at, message_id) index."""
+    where: list[str] = ["tenant = ?"]
+    args: list[Any] = [tenant]
+    if query.before is not None:
+        where.append("(created_at, message_id) < (?, ?)")
+        args += list(query.before)
+    for clause, value in (
+        ("status = ?", query.status),
+        ("model = ?", query.model),
+        ("created_at >= ?", query.created_after),
+        ("created_at < ?", query.created_before),
+    ):
+        if value is not None:
+            where.append(clause)
+            args.append(value)
+    sql = (
+        f"SELECT {_LIST_COLUMNS} FROM runs INDEXED BY runs_listing WHERE {' AND '.join(where)}"
+        " ORDER BY created_at DESC, message_id DESC LIMIT ?"
+    )
+    return sql, (*args, query.limit)
 
 
 class SQLiteStore(StreamStore):
@@ -234,6 +260,11 @@ class SQLiteStore(StreamStore):
                 f"SELECT {_COLUMNS} FROM runs WHERE status NOT IN ({marks}) ORDER BY created_at", tuple(TERMINAL)
             ).fetchall()
         )
+        return [_record(r) for r in rows]
+
+    async def list_runs(self, tenant: str, query: RunQuery) -> list[RunRecord]:
+        sql, args = _listing_sql(tenant, query)
+        rows = await self._read(lambda c: c.execute(sql, args).fetchall())
         return [_record(r) for r in rows]
 
     async def _delete(self, key: Key) -> bool:
