@@ -163,11 +163,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--only", default="", help="run only the faults whose name contains this text")
     args = parser.parse_args()
     random.seed(args.seed)
     results: dict[str, dict[str, Any]] = {}
     with FakeUpstream() as fake:
         for name, fault in FAULTS.items():
+            if args.only not in name:
+                continue
             times, failures = [], 0
             for _ in range(args.iterations):
                 fake.reset()
