@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -175,3 +176,26 @@ def user_metadata(metadata: Any, user: Any) -> dict[str, Any]:
 def tokens(usage: dict[str, Any] | None, key: str) -> int:
     value = (usage or {}).get(key)
     return value if isinstance(value, int) else 0
+
+
+def openai_tool_choice(
+    choice: Any, parallel: Any, function_name: Callable[[dict[str, Any]], Any], expected: str
+) -> dict[str, Any] | None:
+    """OpenAI's `tool_choice` and `parallel_tool_calls` as the native tool_choice.
+
+    Both OpenAI surfaces spell it alike except where a named function's name sits: `function_name`
+    reads it, `expected` names that shape in the error.
+    """
+    if choice is None:
+        out = None
+    elif choice in ("none", "auto"):
+        out = {"type": choice}
+    elif choice == "required":
+        out = {"type": "any"}
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        out = {"type": "tool", "name": function_name(choice)}
+    else:
+        raise DialectError(f'tool_choice must be "none", "auto", "required" or {expected}', "tool_choice")
+    if parallel is False:
+        out = {**(out or {"type": "auto"}), "disable_parallel_tool_use": True}
+    return out

@@ -15,6 +15,7 @@ from .common import (
     image_source,
     json_schema_format,
     merge_message,
+    openai_tool_choice,
     reject_unknown,
     require_dict,
     require_list,
@@ -208,22 +209,10 @@ def _tool(i: int, tool: Any) -> dict[str, Any]:
 
 
 def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
-    if choice is None:
-        out = None
-    elif choice in ("none", "auto"):
-        out = {"type": choice}
-    elif choice == "required":
-        out = {"type": "any"}
-    elif isinstance(choice, dict) and choice.get("type") == "function":
-        out = {"type": "tool", "name": require_dict(choice.get("function"), "tool_choice.function").get("name")}
-    else:
-        raise DialectError(
-            'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name"}}',
-            "tool_choice",
-        )
-    if parallel is False:
-        out = {**(out or {"type": "auto"}), "disable_parallel_tool_use": True}
-    return out
+    def name(c: dict[str, Any]) -> Any:
+        return require_dict(c.get("function"), "tool_choice.function").get("name")
+
+    return openai_tool_choice(choice, parallel, name, '{"type": "function", "function": {"name"}}')
 
 
 def _response_format(spec: Any, native: dict[str, Any]) -> None:

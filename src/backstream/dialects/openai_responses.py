@@ -22,6 +22,7 @@ from .common import (
     image_source,
     json_schema_format,
     merge_message,
+    openai_tool_choice,
     reject_unknown,
     remember,
     require_dict,
@@ -194,21 +195,7 @@ def _tool(i: int, tool: Any) -> dict[str, Any]:
 
 
 def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
-    if choice is None:
-        out = None
-    elif choice in ("none", "auto"):
-        out = {"type": choice}
-    elif choice == "required":
-        out = {"type": "any"}
-    elif isinstance(choice, dict) and choice.get("type") == "function":
-        out = {"type": "tool", "name": choice.get("name")}
-    else:
-        raise DialectError(
-            'tool_choice must be "none", "auto", "required" or {"type": "function", "name"}', "tool_choice"
-        )
-    if parallel is False:
-        out = {**(out or {"type": "auto"}), "disable_parallel_tool_use": True}
-    return out
+    return openai_tool_choice(choice, parallel, lambda c: c.get("name"), '{"type": "function", "name"}')
 
 
 def _text_format(text: Any, native: dict[str, Any]) -> None:
