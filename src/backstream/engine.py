@@ -22,7 +22,7 @@ import orjson
 from . import logs, metrics, tracing
 from .api_models import ChatRequest, Message, ToolResultBlock, ToolUseBlock
 from .blocks import StepAssembler, StepResult, StopMatcher
-from .config import EgressSettings, McpServerConfig, ModelConfig, Settings
+from .config import EgressSettings, McpServerConfig, ModelConfig, Settings, ToolsSettings
 from .events import Event
 from .model_table import ModelTable
 from .providers import Delta, UpstreamError
@@ -30,7 +30,7 @@ from .statuses import FinishReason
 from .usage import add_usage, empty_usage
 
 if TYPE_CHECKING:
-    from .tools import ToolBox
+    from .builtin_tools.toolset import ServerTools
 
 log = logging.getLogger("backstream.engine")
 
@@ -48,6 +48,8 @@ class RunOptions:
     max_steps: int = 10
     tool_timeout_s: float = 30.0
     tool_setup_timeout_s: float = 15.0
+    tools: ToolsSettings = field(default_factory=ToolsSettings)  # built-in tools
+    data_dir: str = "./.backstream"  # where built-in tools keep files (container directories)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RunOptions:
@@ -57,6 +59,8 @@ class RunOptions:
             max_steps=settings.runs.max_steps,
             tool_timeout_s=settings.runs.tool_timeout_s,
             tool_setup_timeout_s=settings.runs.tool_setup_timeout_s,
+            tools=settings.tools,
+            data_dir=settings.data_dir,
         )
 
 
@@ -91,6 +95,9 @@ class Run:
         self.first_token_at: float | None = None  # monotonic: the first upstream delta arrived (metrics)
         self.span: Any = None  # the run's span, the current model call's span: only when tracing is on
         self.call_span: Any = None
+        self.citations: list[dict[str, Any]] = []
+        self._tools: ServerTools | None = None  # every text block's citations, for stream_end
+        self.context_report: dict[str, Any] | None = None  # what context_management dropped before step 1
         # Built in the request's task (sync) or the run's own task (background): its log lines carry these.
         logs.bind(message_id=message_id, model=config.name)
 
@@ -105,6 +112,8 @@ class Run:
             metadata["correlation_id"] = self.request.correlation_id
         if self.request.metadata:
             metadata["metadata"] = self.request.metadata
+        if self.context_report is not None:
+            metadata["context_management"] = self.context_report
         return self._event(
             "stream_start", model=self.served_by.name, provider=self.served_by.provider, metadata=metadata
         )
@@ -114,7 +123,11 @@ class Run:
         self.ended = True
         self.finish_reason = finish_reason
         self.error = error
-        fields: dict[str, Any] = {"finish_reason": finish_reason, "usage": self.usage, "citations": None}
+        fields: dict[str, Any] = {
+            "finish_reason": finish_reason,
+            "usage": self.usage,
+            "citations": self.citations or None,
+        }
         if error is not None:
             fields["error"] = error
         return self._event("stream_end", **fields)
@@ -155,17 +168,21 @@ class Run:
 
     async def _steps(self) -> AsyncGenerator[Event, None]:
         request = self.request
-        toolbox = await self._open_toolbox() if request.mcp_servers else None
+        toolbox = await self._open_toolbox() if request.has_server_tools else None
         if toolbox is not None:
             request = request.model_copy(update={"tools": [*(request.tools or ()), *toolbox.specs] or None})
         try:
             step = 0
             while True:
                 step += 1
-                assembler = StepAssembler(self._event, self.message_id)
-                async with self._model_call(request) as (deltas, first):
+                step_request, report = self._step_request(request, toolbox)
+                assembler = StepAssembler(self._event, self.message_id, self._cite if toolbox is not None else None)
+                async with self._model_call(step_request) as (deltas, first):
                     if step == 1:
+                        self.context_report = report
                         yield self.start_event()
+                    elif report is not None:
+                        yield self._event("context_trimmed", step=step, context_management=report)
                     async for event in self._step(step, deltas, first, assembler):
                         yield event
                 result = assembler.result()
@@ -197,14 +214,36 @@ class Run:
         error = self._check_output(result)
         yield self.end_event(FinishReason.ERROR, error) if error is not None else self.end_event(result.finish_reason)
 
-    async def _open_toolbox(self) -> ToolBox:
-        """Connect to the request's MCP servers and list their tools, before any model slot is taken."""
+    def _step_request(self, request: ChatRequest, toolbox: ServerTools | None) -> tuple[ChatRequest, Any]:
+        """One model call's request: loaded skills joined to the system prompt, then fitted to the context window."""
+        from .builtin_tools.context_window import fit
+
+        if toolbox is not None:
+            request = toolbox.prepare(request)
+        return fit(request, self.config)
+
+    def _cite(self, text: str) -> list[dict[str, Any]] | None:
+        assert self._tools is not None
+        citations = self._tools.cite(text)
+        if citations:
+            self.citations.extend(citations)
+        return citations
+
+    async def _open_toolbox(self) -> ServerTools:
+        """Set up built-in tools and connect to MCP servers, before any model slot is taken."""
+        from .builtin_tools.toolset import ServerTools
         from .tools import ToolBox, ToolSetupError
 
-        reserved = {t.name for t in self.request.tools or ()}
-        toolbox = ToolBox(self.request.mcp_servers or [], self.request.tool_context, self.options, reserved)
-        if self.span is not None:
-            toolbox.trace_headers = tracing.headers(self.span)  # set-up requests: the run's trace
+        reserved = {t.name for t in self.request.tools or ()} | {t.tool_name for t in self.request.builtin_tools or ()}
+        mcp = (
+            ToolBox(self.request.mcp_servers, self.request.tool_context, self.options, reserved)
+            if self.request.mcp_servers
+            else None
+        )
+        toolbox = ServerTools(self.request, self.options, self.models, mcp)
+        self._tools = toolbox
+        if self.span is not None and mcp is not None:
+            mcp.trace_headers = tracing.headers(self.span)  # set-up requests: the run's trace
         if self.on_tool_setup is not None:
             self.on_tool_setup(True)
         try:
@@ -217,25 +256,34 @@ class Run:
         return toolbox
 
     async def _call_tools(
-        self, toolbox: ToolBox, calls: list[ToolUseBlock], results: list[ToolResultBlock]
+        self, toolbox: ServerTools, calls: list[ToolUseBlock], results: list[ToolResultBlock]
     ) -> AsyncIterator[Event]:
         """Run the step's tool calls in order (so tool_result events follow the calls), collecting their results."""
         for call in calls:
             span = None if tracing.TRACER is None else self._tool_span(toolbox, call)
             try:
-                content, is_error = await toolbox.call(call.name, call.input)
+                outcome = await toolbox.call(call.name, call.input)
+                content, is_error = outcome.content, outcome.is_error
                 if span is not None and is_error:
                     tracing.fail(span, "tool_error", content[:200])
             finally:
                 if span is not None:
                     span.end()
-            yield self._event("tool_result", tool_call_id=call.id, name=call.name, content=content, is_error=is_error)
+            yield self._event(
+                "tool_result",
+                tool_call_id=call.id,
+                name=call.name,
+                content=content,
+                is_error=is_error,
+                **(outcome.extra or {}),
+            )
             results.append(ToolResultBlock(type="tool_result", tool_use_id=call.id, content=content, is_error=is_error))
 
-    def _tool_span(self, toolbox: ToolBox, call: ToolUseBlock) -> Any:
+    def _tool_span(self, toolbox: ServerTools, call: ToolUseBlock) -> Any:
         attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": call.name}
         span = tracing.start(f"execute_tool {call.name}", attributes | {"gen_ai.tool.call.id": call.id}, self.span)
-        toolbox.trace_headers = tracing.headers(span)  # the MCP requests of this call carry its traceparent
+        if toolbox.mcp is not None:
+            toolbox.mcp.trace_headers = tracing.headers(span)  # the MCP requests of this call carry its traceparent
         return span
 
     def _check_output(self, result: StepResult) -> dict[str, str] | None:

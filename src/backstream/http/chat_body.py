@@ -58,6 +58,10 @@ async def read_chat_request(request: Request, settings: Settings, translate: Tra
         if len(orjson.dumps(chat.output_format.schema_)) > limits.max_schema_bytes:
             raise Invalid(f"the output schema exceeds {limits.max_schema_bytes} bytes of JSON", field)
         check_request_schema(chat.output_format.schema_, field)
+    if chat.builtin_tools:
+        from ..builtin_tools.registry import check_request  # each tool's own checks (allow-lists, settings)
+
+        check_request(chat, settings)
     if chat.mcp_servers:
         chat.mcp_servers = [await _resolve_mcp_server(i, s, settings) for i, s in enumerate(chat.mcp_servers)]
     if len(raw) > limits.max_text_chars and sum(_text_chars(m.content) for m in chat.messages) > limits.max_text_chars:
