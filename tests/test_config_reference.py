@@ -36,5 +36,5 @@ def test_every_setting_appears_with_its_default_and_variable() -> None:
     assert _model_leaves(Settings) <= listed, _model_leaves(Settings) - listed
     text = DOC.read_text()
     assert "| `runs.max_events` | int | `100000` | `BACKSTREAM_RUNS__MAX_EVENTS` |" in text
-    assert '| `models[].provider` | "openai" \\| "anthropic" \\| "local" | required | — |' in text
+    assert '| `models[].provider` | "openai" \\| "anthropic" \\| "local" \\| "embeddings" | required | — |' in text
     assert "`limits.tenants.<tenant>.max_active_runs`" in text
