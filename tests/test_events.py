@@ -6,7 +6,7 @@ import time
 
 import orjson
 
-from backstream.events import Event, new_event_id, sse_frame
+from backstream.events import Event, _crockford, _UlidClock, new_event_id, sse_frame
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -27,6 +27,19 @@ def test_event_ids_are_time_ordered_ulids() -> None:
     for i in (ids[0], ids[-1]):
         ms = decode_ulid(i[4:]) >> 80
         assert before <= ms <= after
+
+
+def test_ulids_count_up_across_the_low_bits_carry() -> None:
+    """Within a millisecond the random field counts up; past its cached low 20 bits the head changes too."""
+    clock = _UlidClock()
+    first = clock.next()
+    clock._low = (1 << 20) - 2  # two ids before the carry (same millisecond: _last_ms stays ahead)
+    clock._last_ms += 10_000  # stay in "the same millisecond" for the whole test
+    clock._head = _crockford(clock._last_ms, 10) + _crockford(clock._high, 12)
+    ids = [clock.next() for _ in range(4)]
+    values = [decode_ulid(i) for i in ids]
+    assert values == [values[0] + k for k in range(4)], "consecutive 128-bit values through the carry"
+    assert ids[0][:22] != ids[1][:22] and ids == sorted(ids) and first < ids[0]
 
 
 def test_frame_is_one_event_with_one_data_line() -> None:
