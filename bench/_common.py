@@ -228,9 +228,17 @@ def proc_cpu_s(pid: int) -> float:
 
 
 def rss_mb(pid: int) -> float:
+    """RSS of a process and its live descendants (`serve --workers N`: the supervisor and its workers)."""
     import psutil
 
-    return psutil.Process(pid).memory_info().rss / (1024 * 1024)
+    p = psutil.Process(pid)
+    total = p.memory_info().rss
+    for child in p.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / (1024 * 1024)
 
 
 def peak_rss_mb(pid: int) -> float | None:

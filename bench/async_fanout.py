@@ -493,8 +493,8 @@ def log_summary(path: Path, top: int = 8) -> dict[str, int]:
     return dict(counts.most_common(top))
 
 
-def server_config(store: str, fake_port: int, spec: str, redis_prefix: str) -> str:
-    lines = [f"store: {store}", "log_level: warning", "runs: {queue_limit: 100000}"]
+def server_config(store: str, fake_port: int, spec: str, redis_prefix: str, server_workers: int = 1) -> str:
+    lines = [f"store: {store}", "log_level: warning", "runs: {queue_limit: 100000}", f"workers: {server_workers}"]
     if store == "redis":
         lines.append(f'redis: {{url: "{REDIS_URL}", key_prefix: "{redis_prefix}", lease_s: 15}}')
     lines += [
@@ -553,7 +553,7 @@ def run_round(
 ) -> dict[str, Any]:
     spec = f"tokens={args.tokens};delay_ms={1000 / args.rate:g};stamp=1"
     prefix = f"bsbench-{secrets.token_hex(6)}"
-    config = server_config(store, fake.port, spec, prefix)
+    config = server_config(store, fake.port, spec, prefix, args.server_workers)
     servers: list[ServerProcess] = []
     duration = args.tokens / args.rate
     print(f"  {label}: N={n} W={args.watchers} store={store} replicas={replicas} ...", flush=True)
@@ -949,6 +949,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke run: N=50, 40 tokens")
     ap.add_argument("--workers", type=int, default=2, help="load-generator processes (default 2)")
     ap.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        help="`backstream serve --workers K` per replica (K > 1 needs --store redis); CPU and RSS sum the workers",
+    )
+    ap.add_argument(
         "--post-concurrency", type=int, default=64, help="run starts in flight, over all workers (default 64)"
     )
     ap.add_argument(
@@ -975,6 +981,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.ns = [int(x) for x in str(args.n).split(",") if x.strip()]
     if args.compare_replicas:
         args.store = "redis"
+    if args.server_workers > 1 and args.store != "redis":
+        ap.error("--server-workers > 1 needs --store redis")
     if args.replicas == 2 and args.store != "redis":
         ap.error("--replicas 2 needs --store redis (replicas share work only through Redis)")
     if args.watchers < 1 or any(n < 1 for n in args.ns) or args.tokens < 1 or args.rate <= 0:
@@ -1001,7 +1009,8 @@ def main(argv: list[str] | None = None) -> int:
         f"async_fanout: N={','.join(map(str, args.ns))}, W={args.watchers}, {args.tokens} tokens at {args.rate:g}/s "
         f"({args.tokens / args.rate:g} s per run), store {args.store}"
         + (", replicas 1 vs 2" if args.compare_replicas else f", replicas {args.replicas}")
-        + f", {args.workers} loadgen processes, {os.cpu_count()} CPUs, source {version}",
+        + f", {args.server_workers} server worker(s) each, {args.workers} loadgen processes, {os.cpu_count()} CPUs,"
+        f" source {version}",
         flush=True,
     )
     try:
@@ -1096,6 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
         "source": version,
         "cpus": os.cpu_count(),
         "store": args.store,
+        "server_workers": args.server_workers,
         "watchers": args.watchers,
         "tokens": args.tokens,
         "rate": args.rate,

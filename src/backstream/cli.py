@@ -45,9 +45,12 @@ def serve(
     insecure_no_auth: bool = typer.Option(
         False, "--insecure-no-auth", help="Allow a non-loopback address without authentication"
     ),
+    workers: int | None = typer.Option(
+        None, min=1, max=64, help="Server processes sharing the port; more than one needs store: redis [default: 1]"
+    ),
 ) -> None:
     """Start the server. With no config: SQLite under ./.backstream, the built-in local model, loopback only."""
-    from .serving import StartupError, banner, listen_socket, preflight
+    from .serving import StartupError, banner, listen_socket, preflight, run_workers
 
     try:
         settings = load_settings(
@@ -58,6 +61,7 @@ def serve(
             log_level=log_level,
             log_format=log_format,
             insecure_no_auth=insecure_no_auth or None,
+            workers=workers,
         )
         settings.check_exposure()
         # Escapes control characters (text) or encodes them (JSON): a request's values cannot forge log lines.
@@ -67,7 +71,11 @@ def serve(
     except (ConfigError, StartupError) as exc:
         _fail(exc)
     banner(settings, sock)
-    _run_server(settings, sock)
+    if settings.workers == 1:
+        _run_server(settings, sock)
+        return
+    # Fork before anything starts a thread or an event loop: each worker builds its own app.
+    raise typer.Exit(run_workers(settings.workers, lambda: _run_server(settings, sock)))
 
 
 def _fail(exc: Exception) -> NoReturn:

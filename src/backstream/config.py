@@ -338,6 +338,8 @@ class Settings(_Section):
     data_dir: str = "./.backstream"  # where the sqlite store (and webhooks.db) live; also --data-dir
     host: str = "127.0.0.1"  # address to listen on (also --host); non-loopback needs auth or insecure_no_auth
     port: int = Field(8080, ge=0, le=65535)  # also --port; 0: any free port
+    # server processes sharing the listening socket (also --workers); more than one needs store: redis
+    workers: int = Field(1, ge=1, le=64)
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     tracing: TracingSettings = TracingSettings()

@@ -19,10 +19,14 @@ then let uvicorn close what is left, all within `shutdown_grace_s`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 import tempfile
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -41,6 +45,11 @@ class StartupError(Exception):
 
 def preflight(settings: Settings) -> None:
     """The store's dependencies, checked before anything starts: a data directory we can write, a Redis that answers."""
+    if settings.workers > 1 and settings.store != "redis":
+        raise StartupError(
+            f"workers: {settings.workers} needs store: redis (the {settings.store} store lives in one process, "
+            "so a run started on one worker could not be watched from another); use one worker, or Redis"
+        )
     if settings.store == "sqlite":
         _check_data_dir(settings.data_path)
     elif settings.store == "redis":
@@ -106,7 +115,8 @@ def banner(settings: Settings, sock: socket.socket) -> None:
     """What is being served, one log line per item; a model that cannot be called is a warning."""
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    log.info("Backstream %s serving on http://%s:%d", __version__, shown, port)
+    workers = f" ({settings.workers} worker processes)" if settings.workers > 1 else ""
+    log.info("Backstream %s serving on http://%s:%d%s", __version__, shown, port, workers)
     log.info("store: %s", _store_line(settings))
     for config in settings.models:
         line, warning = _model_line(settings, config)
@@ -211,3 +221,72 @@ class GracefulServer(uvicorn.Server):
         except Exception as exc:  # shutdown goes on: recovery or a peer's takeover ends what is left
             log.warning("draining runs did not finish (%s: %s)", type(exc).__name__, exc)
         await super().shutdown(sockets)
+
+
+# --- several worker processes behind one socket ---------------------------------------------
+RESTART_WINDOW_S = 10.0  # more than RESTART_LIMIT unexpected exits within this: give up
+RESTART_LIMIT = 5
+
+
+def run_workers(count: int, serve_one: Callable[[], None]) -> int:
+    """Fork `count` workers that share the bound socket (the kernel spreads connections); returns the exit status.
+
+    Each worker is a full server (with the Redis store they are simply replicas). The parent
+    only supervises: SIGTERM or SIGINT is passed on as SIGTERM (each worker drains its runs),
+    and a worker that dies unexpectedly is replaced, unless they keep dying.
+    """
+    children: dict[int, int | None] = {}  # pid -> worker number
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for number in range(count):
+        children[_fork_worker(serve_one)] = number
+    exits: deque[float] = deque(maxlen=RESTART_LIMIT + 1)
+    status = 0
+    while children:
+        try:
+            pid, raw = os.wait()  # PEP 475: resumed after a signal handler runs
+        except ChildProcessError:
+            break
+        number = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(raw)
+        if number is None or stopping:
+            status = max(status, code if code > 0 else 0)
+            continue
+        exits.append(time.monotonic())
+        if len(exits) > RESTART_LIMIT and exits[-1] - exits[0] < RESTART_WINDOW_S:
+            log.error("workers keep exiting (%d in %.0f s); stopping", len(exits), RESTART_WINDOW_S)
+            stop(signal.SIGTERM, None)
+            status = 2
+            continue
+        log.warning("worker %d (pid %d) exited with status %d; starting another", number, pid, code)
+        children[_fork_worker(serve_one)] = number
+    return status
+
+
+def _fork_worker(serve_one: Callable[[], None]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    # The worker: default signal handling (uvicorn installs its own), serve, and never return into the parent's code.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    code = 1
+    try:
+        serve_one()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        log.exception("worker failed")
+    finally:
+        logging.shutdown()
+        os._exit(code)
