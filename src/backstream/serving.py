@@ -235,7 +235,7 @@ def run_workers(count: int, serve_one: Callable[[], None]) -> int:
     only supervises: SIGTERM or SIGINT is passed on as SIGTERM (each worker drains its runs),
     and a worker that dies unexpectedly is replaced, unless they keep dying.
     """
-    children: dict[int, int | None] = {}  # pid -> worker number
+    children: dict[int, int] = {}  # pid -> worker number
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -256,9 +256,9 @@ def run_workers(count: int, serve_one: Callable[[], None]) -> int:
             pid, raw = os.wait()  # PEP 475: resumed after a signal handler runs
         except ChildProcessError:
             break
-        number = children.pop(pid, None)
+        worker = children.pop(pid, -1)
         code = os.waitstatus_to_exitcode(raw)
-        if number is None or stopping:
+        if worker < 0 or stopping:
             status = max(status, code if code > 0 else 0)
             continue
         exits.append(time.monotonic())
@@ -267,8 +267,8 @@ def run_workers(count: int, serve_one: Callable[[], None]) -> int:
             stop(signal.SIGTERM, None)
             status = 2
             continue
-        log.warning("worker %d (pid %d) exited with status %d; starting another", number, pid, code)
-        children[_fork_worker(serve_one)] = number
+        log.warning("worker %d (pid %d) exited with status %d; starting another", worker, pid, code)
+        children[_fork_worker(serve_one)] = worker
     return status
 
 
