@@ -110,7 +110,10 @@ def test_openai_anthropic_only_fields_are_dropped_with_warnings() -> None:
     body, warnings = oa_body(request)
     for key in ("inference_geo", "container", "cache_control", "context_management", "maximum_loaded_skills"):
         assert key not in body
+    for key in ("inference_geo", "container", "cache_control"):
         assert f"{key} is not supported by provider openai and was dropped" in warnings
+    # The gateway applies these itself (context window, skill tools): not the provider's to drop.
+    assert not [w for w in warnings if "context_management" in w or "maximum_loaded_skills" in w]
 
 
 @pytest.mark.parametrize(
@@ -333,9 +336,9 @@ def test_anthropic_sampling_and_dropped_fields() -> None:
     body, warnings = an_body(request)
     assert (body["temperature"], body["top_p"], body["top_k"], body["stop_sequences"]) == (1.0, 0.9, 40, ["END"])
     assert warnings[0] == "temperature above 1 is not supported by provider anthropic and was lowered to 1"
-    dropped = ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "maximum_loaded_skills")
+    dropped = ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed")
     assert warnings[1:] == [f"{k} is not supported by provider anthropic and was dropped" for k in dropped]
-    assert not set(dropped) & set(body)
+    assert not set(dropped) & set(body) and "maximum_loaded_skills" not in body  # the gateway's (skill tools)
     assert an_body(chat(temperature=0.5))[0]["temperature"] == 0.5 and an_body(chat(temperature=0.5))[1] == []
 
 

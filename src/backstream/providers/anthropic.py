@@ -75,7 +75,6 @@ def _add_sampling(body: dict[str, Any], request: ChatRequest, warnings: list[str
         "presence_penalty",
         "frequency_penalty",
         "seed",
-        "maximum_loaded_skills",
     ):
         if getattr(request, key) is not None:
             warnings.append(f"{key} is not supported by provider anthropic and was dropped")

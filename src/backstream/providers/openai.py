@@ -229,7 +229,8 @@ def build_payload(
         body["reasoning_effort"] = effort
     if request.metadata and request.metadata.get("user_id"):
         body["user"] = request.metadata["user_id"]
-    for key in ("inference_geo", "container", "cache_control", "context_management", "maximum_loaded_skills"):
+    # context_management and maximum_loaded_skills are the gateway's own (context window, skill tools).
+    for key in ("inference_geo", "container", "cache_control"):
         if getattr(request, key) is not None:
             warnings.append(f"{key} is not supported by provider {config.provider} and was dropped")
     return body
