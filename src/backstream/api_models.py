@@ -357,6 +357,9 @@ class ChatRequest(_Strict):
                 raise _field_error(f"builtin_tools.{i}.name", f"tool name {t.tool_name!r} is used more than once")
             seen.add(t.tool_name)
 
+    def uses_builtin(self, tool_type: str) -> bool:
+        return any(t.type == tool_type for t in self.builtin_tools or ())
+
     @property
     def has_server_tools(self) -> bool:
         """Whether the server runs tools itself in this request (MCP servers or built-in tools)."""

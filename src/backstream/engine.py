@@ -74,8 +74,10 @@ class Run:
         models: ModelTable,
         config: ModelConfig,
         options: RunOptions | None = None,
+        tenant: str = "default",
     ) -> None:
         self.options = options or RunOptions()
+        self.tenant = tenant  # whose run: built-in tools keep per-tenant state (container directories)
         self.message_id = message_id
         self.request = request
         self.models = models
@@ -240,7 +242,7 @@ class Run:
             if self.request.mcp_servers
             else None
         )
-        toolbox = ServerTools(self.request, self.options, self.models, mcp)
+        toolbox = ServerTools(self.request, self.options, self.models, mcp, self.tenant)
         self._tools = toolbox
         if self.span is not None and mcp is not None:
             mcp.trace_headers = tracing.headers(self.span)  # set-up requests: the run's trace

@@ -335,11 +335,20 @@ class _EndpointGuard(httpx2.AsyncByteStream):
 
 
 def redact_stored_request(raw: bytes) -> bytes:
-    """A stored request without the MCP tokens it carried (for a run that can no longer start again)."""
-    if b"authorization_token" not in raw:
+    """A stored request without the secrets it carried (for a run that can no longer start again):
+    MCP tokens, and the passwords in database_query_v1 connection strings."""
+    if b"authorization_token" not in raw and b"sql_database" not in raw:
         return raw
     data = orjson.loads(raw)
     for server in data.get("mcp_servers") or ():
         if isinstance(server, dict):
             server.pop("authorization_token", None)
+    if b"sql_database" in raw:
+        from .builtin_tools.base import artifacts
+        from .builtin_tools.database import redact
+
+        for _, item in artifacts(data.get("tool_context")):
+            if isinstance(item, dict) and item.get("type") == "sql_database":
+                if isinstance(item.get("connection_string"), str):
+                    item["connection_string"] = redact(item["connection_string"])
     return orjson.dumps(data)

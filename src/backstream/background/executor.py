@@ -139,7 +139,7 @@ class RunExecutor:
     async def _execute(self, record: RunRecord, chat: ChatRequest, config: ModelConfig) -> None:
         runs = self.settings.runs
         logs.bind(tenant=record.tenant)  # this task's log lines; Run adds message_id and model
-        run = Run(record.message_id, chat, self.models, config, self.options)
+        run = Run(record.message_id, chat, self.models, config, self.options, tenant=record.tenant)
         run.on_tool_setup = self._count_tool_setup
         sink = StoreSink(self.store, record, runs.max_events, runs.max_bytes)
         events = run.events()

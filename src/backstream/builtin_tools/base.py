@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -9,6 +10,24 @@ if TYPE_CHECKING:
     from ..api_models import ChatRequest
     from ..config import EgressSettings, ToolsSettings
     from ..model_table import ModelTable
+
+
+def artifacts(tool_context: Any) -> Iterator[tuple[str, Any]]:
+    """(field path, item) of every artifact in `tool_context`: a list of them, one on its own, or a dict
+    whose values are artifacts or lists of them (`{"documents": [...], "databases": [...]}`)."""
+    if isinstance(tool_context, list):
+        for i, item in enumerate(tool_context):
+            yield f"tool_context.{i}", item
+    elif isinstance(tool_context, dict):
+        if "type" in tool_context:  # one artifact on its own
+            yield "tool_context", tool_context
+            return
+        for key, value in tool_context.items():
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    yield f"tool_context.{key}.{i}", item
+            else:
+                yield f"tool_context.{key}", value
 
 
 @dataclass
@@ -39,6 +58,7 @@ class ToolEnv:
     settings: ToolsSettings
     egress: EgressSettings
     data_dir: str
+    tenant: str  # whose run: per-tenant state (container directories) is kept apart
     models: ModelTable | None = None  # embedding models are looked up here
     sources: list[Source] = field(default_factory=list)  # search results so far, numbered from 1 for the model
     system_additions: dict[str, str] = field(default_factory=dict)  # key -> text joined to the system prompt

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Invalid
-from .base import ToolEnv, ToolOutcome
+from .base import ToolEnv, ToolOutcome, artifacts
 
 if TYPE_CHECKING:
     from ..api_models import ChatRequest
@@ -90,23 +90,6 @@ class SkillState:
 # --- skill artifacts in tool_context ---------------------------------------------------
 
 
-def _artifacts(tool_context: Any) -> Iterator[tuple[str, Any]]:
-    """(field path, item) of every artifact: a list of artifacts, or a dict whose values are artifacts or lists of them."""
-    if isinstance(tool_context, list):
-        for i, item in enumerate(tool_context):
-            yield f"tool_context.{i}", item
-    elif isinstance(tool_context, dict):
-        if "type" in tool_context:  # one artifact on its own
-            yield "tool_context", tool_context
-            return
-        for key, value in tool_context.items():
-            if isinstance(value, list):
-                for i, item in enumerate(value):
-                    yield f"tool_context.{key}.{i}", item
-            else:
-                yield f"tool_context.{key}", value
-
-
 def _check_text(value: Any, where: str, what: str, limit: int) -> str:
     if not isinstance(value, str) or not value.strip():
         raise Invalid(f"a skill artifact needs {what} as a non-empty string", where)
@@ -132,7 +115,7 @@ def _artifact_skill(item: dict[str, Any], where: str) -> Skill:
 def artifact_skills(tool_context: Any) -> list[Skill]:
     """The skill artifacts of a request's tool_context; errors.Invalid naming the field of a malformed one."""
     skills: dict[str, Skill] = {}
-    for where, item in _artifacts(tool_context):
+    for where, item in artifacts(tool_context):
         if not isinstance(item, dict) or item.get("type") != "skill":
             continue  # other tools' artifacts
         skill = _artifact_skill(item, where)

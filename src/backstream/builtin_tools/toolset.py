@@ -21,8 +21,15 @@ log = logging.getLogger("backstream.tools")
 class ServerTools:
     """The tools the server runs for one run: offered to the model, called between steps."""
 
-    def __init__(self, request: ChatRequest, options: RunOptions, models: ModelTable | None, mcp: ToolBox | None):
-        self.env = ToolEnv(request, options.tools, options.egress, options.data_dir, models)
+    def __init__(
+        self,
+        request: ChatRequest,
+        options: RunOptions,
+        models: ModelTable | None,
+        mcp: ToolBox | None,
+        tenant: str = "default",
+    ):
+        self.env = ToolEnv(request, options.tools, options.egress, options.data_dir, tenant, models)
         self.mcp = mcp
         self.builtin: dict[str, BuiltinTool] = {}  # the name the model sees -> the tool
         # A backstop only: each tool enforces its own, shorter limits.

@@ -58,15 +58,26 @@ async def read_chat_request(request: Request, settings: Settings, translate: Tra
         if len(orjson.dumps(chat.output_format.schema_)) > limits.max_schema_bytes:
             raise Invalid(f"the output schema exceeds {limits.max_schema_bytes} bytes of JSON", field)
         check_request_schema(chat.output_format.schema_, field)
+    await _check_server_side(chat, settings)
+    if len(raw) > limits.max_text_chars and sum(_text_chars(m.content) for m in chat.messages) > limits.max_text_chars:
+        raise Invalid(f"message content exceeds {limits.max_text_chars} characters", "messages")
+    return chat
+
+
+async def _check_server_side(chat: ChatRequest, settings: Settings) -> None:
+    """What the gateway itself will do for the request: context management, built-in tools, MCP servers."""
+    if chat.context_management is not None:
+        from ..builtin_tools.context_window import check as check_context_management
+
+        problem = check_context_management(chat.context_management)
+        if problem is not None:
+            raise Invalid(problem, "context_management")
     if chat.builtin_tools:
         from ..builtin_tools.registry import check_request  # each tool's own checks (allow-lists, settings)
 
         check_request(chat, settings)
     if chat.mcp_servers:
         chat.mcp_servers = [await _resolve_mcp_server(i, s, settings) for i, s in enumerate(chat.mcp_servers)]
-    if len(raw) > limits.max_text_chars and sum(_text_chars(m.content) for m in chat.messages) > limits.max_text_chars:
-        raise Invalid(f"message content exceeds {limits.max_text_chars} characters", "messages")
-    return chat
 
 
 def _output_schema_field(data: dict[str, Any]) -> str:

@@ -50,8 +50,8 @@ async def run_sync(request: Request, chat: ChatRequest, message_id: str, answer:
     """Run `chat` on this connection: streamed when it asks for it, otherwise folded into one JSON."""
     s = services(request)
     quotas = s.deployment.quotas
-    run = Run(message_id, chat, s.models, s.models.resolve(chat.model), s.options)
     principal, tenant = principal_of(request), tenant_of(request)
+    run = Run(message_id, chat, s.models, s.models.resolve(chat.model), s.options, tenant=tenant)
     await quotas.acquire(principal.name, tenant, run.message_id, queued=False)
     metrics.run_started("sync", run.config.name, tenant)
     metrics.SYNC_RUNS_ACTIVE.inc()

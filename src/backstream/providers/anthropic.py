@@ -26,7 +26,8 @@ _FINISH = {
 }
 _EFFORT_BUDGET = {"low": 1024, "medium": 4096, "high": 16384}
 # Request fields Anthropic understands that are passed on unchanged when set.
-_PASS_THROUGH = ("service_tier", "inference_geo", "container", "context_management")
+_PASS_THROUGH = ("service_tier", "inference_geo")
+CONTEXT_MANAGEMENT_BETA = "context-management-2025-06-27"  # Anthropic reads context_management only with it
 
 
 def build_payload(model: str, default_max_tokens: int, request: ChatRequest, warnings: list[str]) -> dict[str, Any]:
@@ -58,7 +59,20 @@ def build_payload(model: str, default_max_tokens: int, request: ChatRequest, war
     for key in _PASS_THROUGH:
         if getattr(request, key) is not None:
             body[key] = getattr(request, key)
+    # A container used by code_execution_v1 is the gateway's sandbox directory, not an Anthropic container.
+    if request.container is not None and not request.uses_builtin("code_execution_v1"):
+        body["container"] = request.container
+    # Anthropic's own edits shape goes on (the gateway has trimmed already); {"strategy": ...} is the gateway's own.
+    if request.context_management is not None and "edits" in request.context_management:
+        body["context_management"] = request.context_management
     return body
+
+
+def _headers(body: dict[str, Any]) -> dict[str, str] | None:
+    headers = tracing.headers()
+    if "context_management" in body:
+        headers = {**(headers or {}), "anthropic-beta": CONTEXT_MANAGEMENT_BETA}
+    return headers
 
 
 def _add_sampling(body: dict[str, Any], request: ChatRequest, warnings: list[str]) -> None:
@@ -177,7 +191,7 @@ class AnthropicProvider(Provider):
                 messages=[],
                 stream=True,
                 extra_body=body,
-                extra_headers=tracing.headers(),
+                extra_headers=_headers(body),
             ) as response:
                 decoder = SSEDecoder()
                 done = False

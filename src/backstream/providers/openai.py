@@ -229,11 +229,17 @@ def build_payload(
         body["reasoning_effort"] = effort
     if request.metadata and request.metadata.get("user_id"):
         body["user"] = request.metadata["user_id"]
-    # context_management and maximum_loaded_skills are the gateway's own (context window, skill tools).
-    for key in ("inference_geo", "container", "cache_control"):
+    _warn_dropped(config, request, warnings)
+    return body
+
+
+def _warn_dropped(config: ModelConfig, request: ChatRequest, warnings: list[str]) -> None:
+    # context_management and maximum_loaded_skills are the gateway's own (context window, skill tools), and so
+    # is a container that code_execution_v1 uses.
+    own_container = request.uses_builtin("code_execution_v1")
+    for key in ("inference_geo", "cache_control", *(() if own_container else ("container",))):
         if getattr(request, key) is not None:
             warnings.append(f"{key} is not supported by provider {config.provider} and was dropped")
-    return body
 
 
 class OpenAIProvider(Provider):
