@@ -58,7 +58,7 @@ class ToolEnv:
     settings: ToolsSettings
     egress: EgressSettings
     data_dir: str
-    tenant: str  # whose run: per-tenant state (container directories) is kept apart
+    tenant: str = "default"  # whose run: per-tenant state (container directories) is kept apart
     models: ModelTable | None = None  # embedding models are looked up here
     sources: list[Source] = field(default_factory=list)  # search results so far, numbered from 1 for the model
     system_additions: dict[str, str] = field(default_factory=dict)  # key -> text joined to the system prompt
