@@ -230,3 +230,25 @@ async def test_finished_background_runs_leave_no_tails(deployment: Deployment) -
         assert [e.seq for e in await store.read(T, mid, 0, 1000)] == list(range(1, record_.event_count + 1))
     assert store._tails == {}, "no finished run keeps a tail once nobody watches it"
     assert store.cached_bytes == 0
+
+
+async def test_long_waits_share_one_sweep_not_a_timer_each() -> None:
+    """Watchers wait once per event: long waits get no timer of their own (tail.py), yet still time out."""
+    from backstream.store import tail as tail_module
+
+    loop = asyncio.get_running_loop()
+    woken, idle = tail_module.Tail(), tail_module.Tail()
+    timeout = tail_module.COARSE_AFTER_S
+    handles_before = len(getattr(loop, "_scheduled", ()))
+    started = loop.time()
+    waits = [asyncio.ensure_future(woken.wait(timeout)) for _ in range(100)]
+    quiet = asyncio.ensure_future(idle.wait(timeout))
+    await asyncio.sleep(0)  # every wait registered
+    if hasattr(loop, "_scheduled"):  # the default loop exposes its timers: at most the one sweep was added
+        assert len(loop._scheduled) <= handles_before + 1
+    woken.wake()
+    assert await asyncio.gather(*waits) == [True] * 100 and not woken.watched
+    assert await quiet is False, "a long wait still times out, through the sweep"
+    assert timeout - 0.01 <= loop.time() - started <= timeout + tail_module.SWEEP_S + 0.5
+    assert not idle.watched
+    assert await tail_module.Tail().wait(0.05) is False, "short waits keep an exact timer"
