@@ -90,7 +90,9 @@ def test_anthropic_upstream_with_anthropic_edits(srv: ServerProcess, fake: FakeU
     assert [(b["tool_use_id"], b["content"]) for b in results[:2]] == [("t1", PLACEHOLDER), ("t2", PLACEHOLDER)]
     assert results[2]["content"].startswith("RESULT-3 ")
     assert sent.body["context_management"] == edits  # passed on as sent: Anthropic applies its own edits too
-    assert sent.headers.get("anthropic-beta") == "context-management-2025-06-27"  # without it Anthropic refuses the field
+    assert (
+        sent.headers.get("anthropic-beta") == "context-management-2025-06-27"
+    )  # without it Anthropic refuses the field
 
 
 def test_without_context_management_the_request_goes_unchanged(srv: ServerProcess, fake: FakeUpstream) -> None:

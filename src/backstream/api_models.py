@@ -123,7 +123,8 @@ class Message(_Strict):
 
 class System(_Strict):
     text: str
-    citations: list[dict[str, Any]] | None = None
+    # The seed's configuration object ({"enabled": true}: cite built-in search results), or a list of citations.
+    citations: dict[str, Any] | list[dict[str, Any]] | None = None
     # Anthropic-style system blocks carry these; accepted so such clients work unchanged.
     type: Literal["text"] | None = None
     cache_control: dict[str, Any] | None = None

@@ -20,12 +20,16 @@ class MessageFolder:
         self.usage: dict[str, Any] = empty_usage()
         self.error: dict[str, Any] | None = None
         self.warnings: list[str] = []
+        self.citations: list[dict[str, Any]] | None = None
 
     def feed(self, event: Event) -> None:
         f = event.load()
         t = event.type
         if t == "text_complete":
-            self.content.append({"type": "text", "text": f["text"]})
+            block: dict[str, Any] = {"type": "text", "text": f["text"]}
+            if f.get("citations"):  # the search results this block draws on (built-in tools, citations on)
+                block["citations"] = f["citations"]
+            self.content.append(block)
         elif t == "thinking_complete":
             block = {"type": "thinking", "thinking": f["thinking"]}
             if f.get("signature"):
@@ -49,6 +53,7 @@ class MessageFolder:
             self.finish_reason = f["finish_reason"]
             self.usage = f["usage"]
             self.error = f.get("error")
+            self.citations = f.get("citations") or None
 
     def message(self, message_id: str) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -60,7 +65,7 @@ class MessageFolder:
             "content": self.content,
             "finish_reason": self.finish_reason,
             "usage": self.usage,
-            "citations": None,
+            "citations": self.citations,
         }
         if self.warnings:
             out["warnings"] = self.warnings

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -82,7 +83,12 @@ class ModelTable:
     def resolve(self, name: str | None) -> ModelConfig:
         """The model a request may run on: ModelUnavailable when it cannot be called as configured."""
         config = self.lookup(name)
-        var = self.provider(config).missing_key()
+        if config.provider == "embeddings":
+            raise Invalid(
+                f"model {config.name!r} is an embeddings model (for semantic_search_v1); it cannot answer chat requests",
+                "model",
+            )
+        var = _missing_key(config)
         if var is not None:
             message = unavailable_message(config.name, var)
             raise ModelUnavailable(message, [{"field": "model", "message": message, "type": "model_unavailable"}])
@@ -92,7 +98,7 @@ class ModelTable:
         """Models whose `api_key_env` variable is unset: model name -> variable name (configuration, not a secret)."""
         missing = {}
         for config in self.models.values():
-            var = self.provider(config).missing_key()
+            var = _missing_key(config)
             if var is not None:
                 missing[config.name] = var
         return missing
@@ -102,11 +108,14 @@ class ModelTable:
         out = [config]
         for name in config.fallbacks:
             fb = self._names[name]
-            if fb not in out and self.provider(fb).missing_key() is None:  # a fallback without its key is skipped
+            # A fallback without its key is skipped, and so is an embeddings model: it never serves chat.
+            if fb not in out and fb.provider != "embeddings" and _missing_key(fb) is None:
                 out.append(fb)
         return out
 
     def provider(self, config: ModelConfig) -> Provider:
+        if config.provider == "embeddings":
+            raise ValueError(f"model {config.name!r} is an embeddings model, not a chat provider")
         p = self._providers.get(config.name)
         if p is None:
             p = self._providers[config.name] = create_provider(config)
@@ -116,7 +125,11 @@ class ModelTable:
         """Readiness problems by model name (empty: all usable)."""
         problems = {}
         for config in self.models.values():
-            reason = await self.provider(config).check()
+            if config.provider == "embeddings":  # no chat provider: only its key can be missing
+                var = _missing_key(config)
+                reason = None if var is None else f"environment variable {var} (api_key_env) is not set"
+            else:
+                reason = await self.provider(config).check()
             if reason:
                 problems[config.name] = reason
         return problems
@@ -125,3 +138,9 @@ class ModelTable:
         for p in self._providers.values():
             await p.aclose()
         self._providers.clear()
+
+
+def _missing_key(config: ModelConfig) -> str | None:
+    """The name of the `api_key_env` variable when it is configured but unset or empty."""
+    var = config.api_key_env
+    return var if var and not os.environ.get(var) else None

@@ -348,7 +348,7 @@ def redact_stored_request(raw: bytes) -> bytes:
         from .builtin_tools.database import redact
 
         for _, item in artifacts(data.get("tool_context")):
-            if isinstance(item, dict) and item.get("type") == "sql_database":
-                if isinstance(item.get("connection_string"), str):
-                    item["connection_string"] = redact(item["connection_string"])
+            secret = item.get("connection_string") if isinstance(item, dict) else None
+            if isinstance(secret, str) and item.get("type") == "sql_database":
+                item["connection_string"] = redact(secret)
     return orjson.dumps(data)

@@ -9,6 +9,7 @@ parser as the openai provider.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import secrets
@@ -18,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..api_models import ChatRequest
+from ..api_models import ChatRequest, Tool
 from ..config import ModelConfig
+from ..statuses import FinishReason
 from .base import UPSTREAM, Delta, Provider, UpstreamError
 from .openai import build_payload, chunk_deltas
 
@@ -84,15 +86,27 @@ class LocalProvider(Provider):
     async def stream(self, request: ChatRequest, warnings: list[str]) -> AsyncGenerator[Delta, None]:
         body = build_payload(self.config, request, warnings, extra_sampling=True)
         body.pop("model")
+        forced = _forced_tool(request)
         if request.tools:
             body.pop("tools", None)
             body.pop("tool_choice", None)
             body.pop("parallel_tool_calls", None)
-            warnings.append("tools are not supported by the local model and were dropped")
+            if forced is None:
+                warnings.append("tools are not supported by the local model and were dropped")
         body.pop("reasoning_effort", None)
         if "response_format" in body:
             # llama.cpp turns a JSON schema into a grammar that constrains sampling.
             body["json_schema"] = body.pop("response_format")["json_schema"]["schema"]
+        if forced is not None:  # a forced call: its arguments are sampled under the tool's input schema
+            body["json_schema"] = forced.input_schema
+            deltas = self._generate(body)
+            async for delta in _as_tool_call(deltas, forced.name, f"call_{secrets.token_hex(8)}"):
+                yield delta
+            return
+        async for delta in self._generate(body):
+            yield delta
+
+    async def _generate(self, body: dict[str, Any]) -> AsyncGenerator[Delta, None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancelled = threading.Event()
@@ -135,3 +149,29 @@ class LocalProvider(Provider):
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._server = None
+
+
+def _forced_tool(request: ChatRequest) -> Tool | None:
+    """The tool the model must call (tool_choice names it, or "any" with one tool): the local model can do that much."""
+    choice, tools = request.tool_choice, request.tools or []
+    if choice is None or not tools:
+        return None
+    if choice.type == "tool":
+        return next((t for t in tools if t.name == choice.name), None)
+    return tools[0] if choice.type == "any" and len(tools) == 1 else None
+
+
+async def _as_tool_call(deltas: AsyncGenerator[Delta, None], name: str, call_id: str) -> AsyncGenerator[Delta, None]:
+    """Text sampled under a tool's schema becomes that tool's call: its start, its argument fragments, ToolUse."""
+    started = False
+    async with contextlib.aclosing(deltas):
+        async for delta in deltas:
+            if delta[0] == "text":
+                if not started:
+                    started = True
+                    yield ("tool_start", 0, call_id, name)
+                yield ("tool_delta", 0, delta[1])
+            elif delta[0] == "finish":
+                yield ("finish", FinishReason.TOOL_USE if delta[1] == FinishReason.STOP else delta[1])
+            else:
+                yield delta
