@@ -893,3 +893,36 @@ def test_parse_retry_after_and_status_error() -> None:
     assert parse_retry_after(None) is None
     assert status_error(529, "x").type == "overloaded_error" and status_error(529, "x").retryable
     assert not status_error(404, "x").retryable
+
+
+def test_anthropic_citations_pass_through_onto_the_text_block() -> None:
+    """citations_delta from Anthropic lands on the text block it belongs to (and its text_complete event)."""
+    from backstream.blocks import StepAssembler
+    from backstream.events import Event
+
+    citation = {"type": "char_location", "cited_text": "Kourou", "document_index": 0, "start_char_index": 4}
+    parser = anthropic.AnthropicStreamParser()
+    delta = {"index": 0, "delta": {"type": "citations_delta", "citation": citation}}
+    assert parser.deltas(b"content_block_delta", delta) == [("citation", citation)]
+    seq = iter(range(1, 100))
+    assembler = StepAssembler(lambda type, **f: Event.build(next(seq), type, "msg_1", **f), "msg_1")
+    events = [*assembler.apply(("text", "From Kourou.")), *assembler.apply(("citation", citation))]
+    events += assembler.close()
+    assert events[-1].type == "text_complete" and events[-1].fields["citations"] == [citation]
+    assert assembler.result().blocks[0].citations == [citation]
+
+
+def test_anthropic_payload_drops_the_gateways_own_citations() -> None:
+    ours = {"type": "search_result_location", "source_index": 1, "document_index": 0, "cited_text": "x"}
+    theirs = {"type": "char_location", "cited_text": "y", "document_index": 0, "start_char_index": 0}
+    request = chat(
+        messages=[
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": [{"type": "text", "text": "a [1]", "citations": [ours, theirs]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "b [1]", "citations": [ours]}]},
+            {"role": "user", "content": "more"},
+        ]
+    )
+    body, _ = an_body(request)
+    assert body["messages"][1]["content"][0]["citations"] == [theirs]
+    assert "citations" not in body["messages"][2]["content"][0]

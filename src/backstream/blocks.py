@@ -49,6 +49,7 @@ class StepAssembler:
     ) -> None:
         self._emit = emit  # the run's event builder: numbers events in order
         self._cite = cite  # a finished text block's citations (built-in search results it draws on), if any
+        self._cited: list[dict[str, Any]] = []  # citations the upstream sent for the open text block
         self._message_id = message_id
         self._open: Any = None  # "text" | "thinking" | tool index
         self._parts: list[str] = []
@@ -110,6 +111,8 @@ class StepAssembler:
             self._usage.update({k: v for k, v in delta[1].items() if v is not None})
         elif kind == "finish":
             self.finish = delta[1]
+        elif kind == "citation":
+            self._cited.append(delta[1])
         elif kind == "error":
             raise UpstreamError(delta[1], delta[2])
 
@@ -119,7 +122,9 @@ class StepAssembler:
             return []
         if self._open == "text":
             text = "".join(self._parts)
-            citations = self._cite(text) if self._cite is not None else None
+            own = self._cite(text) if self._cite is not None else None
+            citations = [*self._cited, *(own or ())] or None
+            self._cited = []
             self._blocks.append(TextBlock(type="text", text=text, citations=citations))
             event = (
                 self._emit("text_complete", text=text, citations=citations)

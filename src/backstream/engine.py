@@ -97,8 +97,7 @@ class Run:
         self.first_token_at: float | None = None  # monotonic: the first upstream delta arrived (metrics)
         self.span: Any = None  # the run's span, the current model call's span: only when tracing is on
         self.call_span: Any = None
-        self.citations: list[dict[str, Any]] = []
-        self._tools: ServerTools | None = None  # every text block's citations, for stream_end
+        self.citations: list[dict[str, Any]] = []  # every text block's citations, for stream_end
         self.context_report: dict[str, Any] | None = None  # what context_management dropped before step 1
         # Built in the request's task (sync) or the run's own task (background): its log lines carry these.
         logs.bind(message_id=message_id, model=config.name)
@@ -178,7 +177,7 @@ class Run:
             while True:
                 step += 1
                 step_request, report = self._step_request(request, toolbox)
-                assembler = StepAssembler(self._event, self.message_id, self._cite if toolbox is not None else None)
+                assembler = StepAssembler(self._event, self.message_id, toolbox.cite if toolbox is not None else None)
                 async with self._model_call(step_request) as (deltas, first):
                     if step == 1:
                         self.context_report = report
@@ -188,6 +187,7 @@ class Run:
                     async for event in self._step(step, deltas, first, assembler):
                         yield event
                 result = assembler.result()
+                self.citations.extend(c for b in result.blocks if b.type == "text" for c in b.citations or ())
                 calls = result.tool_calls()
                 if (
                     result.finish_reason != FinishReason.TOOL_USE
@@ -224,13 +224,6 @@ class Run:
             request = toolbox.prepare(request)
         return fit(request, self.config)
 
-    def _cite(self, text: str) -> list[dict[str, Any]] | None:
-        assert self._tools is not None
-        citations = self._tools.cite(text)
-        if citations:
-            self.citations.extend(citations)
-        return citations
-
     async def _open_toolbox(self) -> ServerTools:
         """Set up built-in tools and connect to MCP servers, before any model slot is taken."""
         from .builtin_tools.toolset import ServerTools
@@ -243,7 +236,6 @@ class Run:
             else None
         )
         toolbox = ServerTools(self.request, self.options, self.models, mcp, self.tenant)
-        self._tools = toolbox
         if self.span is not None and mcp is not None:
             mcp.trace_headers = tracing.headers(self.span)  # set-up requests: the run's trace
         if self.on_tool_setup is not None:

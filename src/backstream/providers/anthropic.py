@@ -11,7 +11,7 @@ import httpx2 as httpx  # the transport both official SDKs are built on
 import orjson
 
 from .. import tracing
-from ..api_models import ChatRequest, ThinkingEffort, ThinkingEnabled
+from ..api_models import ChatRequest, Message, ThinkingEffort, ThinkingEnabled
 from .base import OVERLOADED, UPSTREAM, Delta, Provider, SSEDecoder, UpstreamError, sdk_error, timeout_for
 from .transport import sdk_http_client
 
@@ -34,7 +34,7 @@ def build_payload(model: str, default_max_tokens: int, request: ChatRequest, war
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": request.max_tokens or default_max_tokens,
-        "messages": [m.model_dump(mode="json", exclude_none=True, by_alias=True) for m in request.messages],
+        "messages": [_upstream_message(m) for m in request.messages],
     }
     if request.system:
         body["system"] = [
@@ -66,6 +66,19 @@ def build_payload(model: str, default_max_tokens: int, request: ChatRequest, war
     if request.context_management is not None and "edits" in request.context_management:
         body["context_management"] = request.context_management
     return body
+
+
+def _upstream_message(message: Message) -> dict[str, Any]:
+    """A message as Anthropic takes it: the gateway's own citations (built-in search) are not Anthropic's to check."""
+    data = message.model_dump(mode="json", exclude_none=True, by_alias=True)
+    for block in data["content"] if isinstance(data["content"], list) else ():
+        if block.get("type") == "text" and block.get("citations"):
+            kept = [c for c in block["citations"] if "source_index" not in c]
+            if kept:
+                block["citations"] = kept
+            else:
+                del block["citations"]
+    return data
 
 
 def _headers(body: dict[str, Any]) -> dict[str, str] | None:
@@ -115,17 +128,7 @@ class AnthropicStreamParser:
     def deltas(self, kind: bytes, event: dict[str, Any]) -> list[Delta]:
         t = event.get("type") or kind.decode()
         if t == "content_block_delta":
-            d = event["delta"]
-            dt = d.get("type")
-            if dt == "text_delta":
-                return [("text", d["text"])]
-            if dt == "thinking_delta":
-                return [("thinking", d["thinking"])]
-            if dt == "input_json_delta":
-                return [("tool_delta", event["index"], d["partial_json"])] if d.get("partial_json") else []
-            if dt == "signature_delta":
-                return [("signature", d["signature"])]
-            return []
+            return _block_delta(event)
         if t == "content_block_start":
             block = event["content_block"]
             if block.get("type") in ("tool_use", "server_tool_use"):
@@ -159,6 +162,22 @@ class AnthropicStreamParser:
             etype = OVERLOADED if err.get("type") == "overloaded_error" else UPSTREAM
             return [("error", etype, str(err.get("message") or "upstream error"))]
         return []
+
+
+def _block_delta(event: dict[str, Any]) -> list[Delta]:
+    d = event["delta"]
+    dt = d.get("type")
+    if dt == "text_delta":
+        return [("text", d["text"])]
+    if dt == "thinking_delta":
+        return [("thinking", d["thinking"])]
+    if dt == "input_json_delta":
+        return [("tool_delta", event["index"], d["partial_json"])] if d.get("partial_json") else []
+    if dt == "signature_delta":
+        return [("signature", d["signature"])]
+    if dt == "citations_delta":  # Anthropic's own citations (documents, search results) pass through
+        return [("citation", d["citation"])] if isinstance(d.get("citation"), dict) else []
+    return []
 
 
 class AnthropicProvider(Provider):
