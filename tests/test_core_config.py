@@ -219,3 +219,18 @@ def test_exposure_without_authentication(host: str, auth: bool, insecure: bool, 
 def test_is_loopback() -> None:
     assert is_loopback("127.0.0.2") and is_loopback("[::1]") and is_loopback("localhost")
     assert not is_loopback("10.0.0.1") and not is_loopback("::") and not is_loopback("my-host")
+
+
+@pytest.mark.parametrize(
+    ("tree", "says"),
+    [
+        ({"tools": {"semantic_search": {"embeddings": "nope"}}}, "tools.semantic_search.embeddings 'nope'"),
+        ({"default_model": "emb"}, "default_model 'emb' is an embeddings model"),
+        ({"tools": {"semantic_search": {"embeddings": "local"}}}, "tools.semantic_search.embeddings 'local'"),
+    ],
+)
+def test_embeddings_models_are_not_chat_models_and_search_names_one(tree: dict[str, Any], says: str) -> None:
+    models = [{"name": "local", "provider": "local"}, {"name": "emb", "provider": "embeddings"}]
+    with pytest.raises(ConfigError, match=says):
+        load_settings(environ={}, **{"models": models, **tree})
+    assert load_settings(environ={}, models=models, tools={"semantic_search": {"embeddings": "emb"}})

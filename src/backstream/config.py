@@ -400,11 +400,25 @@ class Settings(_Section):
                 names[n] = m.name
         if self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not in the model table")
+        embedders = {n for n, m in names.items() if self._model(m).provider == "embeddings"}
+        if self.default_model in embedders:
+            raise ValueError(f"default_model {self.default_model!r} is an embeddings model, not a chat model")
         for m in self.models:
             for fb in m.fallbacks:
                 if fb not in names:
                     raise ValueError(f"model {m.name!r}: fallback {fb!r} is not in the model table")
+                if fb in embedders:
+                    raise ValueError(f"model {m.name!r}: fallback {fb!r} is an embeddings model")
+        wanted = self.tools.semantic_search.embeddings
+        if wanted not in ("builtin", "none") and wanted not in embedders:
+            raise ValueError(
+                f"tools.semantic_search.embeddings {wanted!r} is neither builtin, none, "
+                "nor a model table entry with provider: embeddings"
+            )
         return self
+
+    def _model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)
 
     @property
     def data_path(self) -> Path:
