@@ -9,7 +9,7 @@ loop can trust it. Unknown top-level fields are rejected: a typo such as
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -151,7 +151,7 @@ class Tool(_Strict):
         return v
 
 
-BUILTIN_TOOL_TYPES = (
+BuiltinToolType = Literal[
     "semantic_search_v1",
     "database_query_v1",
     "web_fetch_v1",
@@ -160,22 +160,14 @@ BUILTIN_TOOL_TYPES = (
     "skill_load_v1",
     "skill_unload_v1",
     "code_execution_v1",
-)
+]
+BUILTIN_TOOL_TYPES: tuple[str, ...] = get_args(BuiltinToolType)
 
 
 class BuiltinTool(_Strict):
     """A tool the server runs itself, asked for in `tools` by `type`; the model sees it as `name` (default: the type)."""
 
-    type: Literal[
-        "semantic_search_v1",
-        "database_query_v1",
-        "web_fetch_v1",
-        "web_search_v1",
-        "skill_list_v1",
-        "skill_load_v1",
-        "skill_unload_v1",
-        "code_execution_v1",
-    ]
+    type: BuiltinToolType
     name: str | None = None
     description: str | None = Field(None, max_length=4096)  # replaces the built-in description
     cache_control: dict[str, Any] | None = None
