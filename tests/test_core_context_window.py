@@ -215,7 +215,7 @@ def test_check_accepts(value: dict[str, Any]) -> None:
         ({"enabled": True}, "unknown field 'enabled'"),
         ({"strategy": "drop_oldest", "keep_tool_results": -1}, "keep_tool_results must be an integer"),
         ({"strategy": "drop_oldest", "keep_tool_results": True}, "keep_tool_results must be an integer"),
-        ({"edits": []}, "edits must be a list of 1 to 8"),
+        ({"edits": [{"type": "clear_thinking_20251015"}] * 9}, "edits must be a list of at most 8"),
         ({"edits": [{"type": "clear_everything"}]}, "edits.0.type must be"),
         ({"edits": [{"type": "clear_tool_uses_20250919", "keep": 3}]}, "edits.0.keep must be"),
         ({"edits": [{"type": "clear_tool_uses_20250919", "keep": {"type": "tool_uses", "value": "3"}}]}, "value"),

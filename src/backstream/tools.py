@@ -21,15 +21,12 @@ import orjson
 
 from . import tracing
 from .api_models import McpServer, Tool
+from .builtin_tools.base import ToolSetupError
 from .config import EgressSettings, McpServerConfig
 from .egress import PinnedTransport, check_url_shape
 
 log = logging.getLogger("backstream.tools")
 CONTEXT_ARG = "tool_context"  # a tool whose input schema has this property receives the request's tool_context
-
-
-class ToolSetupError(Exception):
-    """An MCP server could not be reached or listed."""
 
 
 @dataclass

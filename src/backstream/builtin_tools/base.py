@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     from ..model_table import ModelTable
 
 
+class ToolSetupError(Exception):
+    """A run's server-side tools could not be set up (an MCP server unreachable, a database that will not open)."""
+
+
 def artifacts(tool_context: Any) -> Iterator[tuple[str, Any]]:
     """(field path, item) of every artifact in `tool_context`: a list of them, one on its own, or a dict
     whose values are artifacts or lists of them (`{"documents": [...], "databases": [...]}`)."""

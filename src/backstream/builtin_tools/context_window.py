@@ -98,8 +98,8 @@ def policy(value: Any) -> Policy:
 
 def _edits_policy(edits: Any) -> Policy:
     field = "context_management.edits"
-    if not isinstance(edits, list) or not 1 <= len(edits) <= MAX_EDITS:
-        raise ValueError(f"{field} must be a list of 1 to {MAX_EDITS} edits")
+    if not isinstance(edits, list) or len(edits) > MAX_EDITS:
+        raise ValueError(f"{field} must be a list of at most {MAX_EDITS} edits")
     fields: dict[str, Any] = {"tool_results": False, "thinking": False}
     seen: set[str] = set()
     for i, edit in enumerate(edits):

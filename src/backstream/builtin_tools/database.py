@@ -30,8 +30,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 import orjson
 
 from ..errors import Invalid
-from ..tools import ToolSetupError
-from .base import ToolEnv, ToolOutcome, artifacts
+from .base import ToolEnv, ToolOutcome, ToolSetupError, artifacts
 
 if TYPE_CHECKING:
     from ..api_models import ChatRequest

@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..api_models import ChatRequest, System, Tool
-from .base import BuiltinTool, ToolEnv, ToolOutcome
+from .base import BuiltinTool, ToolEnv, ToolOutcome, ToolSetupError
 from .registry import create
 
 if TYPE_CHECKING:
@@ -37,8 +37,6 @@ class ServerTools:
 
     async def start(self) -> None:
         """Set up every built-in tool (documents parsed, connections checked), then the MCP servers."""
-        from ..tools import ToolSetupError
-
         try:
             for spec in self.env.request.builtin_tools or ():
                 tool = create(spec.type)
