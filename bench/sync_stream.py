@@ -66,10 +66,20 @@ DIRECT = "direct"
 # Wire dialects: the same run through Backstream, answered in a foreign format.
 DIALECTS = ("anthropic", "chat", "responses")
 # How each side's response is read: which SSE events carry a token and which one ends the stream.
-MODE = {BACKSTREAM: "native", DIRECT: "openai", "anthropic": "anthropic", "chat": "openai", "responses": "responses"}
+BACKGROUND = "background"  # POST /v1/messages/async, then watch the run on the same connection
+MODE = {
+    BACKSTREAM: "native",
+    DIRECT: "openai",
+    "anthropic": "anthropic",
+    "chat": "openai",
+    "responses": "responses",
+    BACKGROUND: "background",
+}
 
 GOALS = {
     "dialect_cpu_overhead_ms": ("<=", 0.5),  # a dialect's server CPU per request minus native's
+    "background_throughput_ratio": (">=", 0.95),
+    "background_ttft_p99_overhead_ms": ("<", 15.0),
     "throughput_ratio": (">=", 0.9),
     "ttft_p99_overhead_ms": ("<", 10.0),
     "cpu_ms_per_request": ("<=", 4.0),
@@ -322,6 +332,35 @@ async def do_request(conn: Conn, request: bytes, mode: str, expected: int) -> tu
     return (t_sent, ttft, t_done, tokens, ok, problem), True
 
 
+async def do_background(conn: Conn, post: bytes, expected: int) -> tuple[Sample, bool]:
+    """POST a background run, then watch it on the same keep-alive connection; timed from the POST."""
+    buf = conn.buf
+    conn.writer.write(post)
+    t_sent = perf()
+    while (i := buf.find(b"\r\n\r\n")) < 0:
+        data = await conn.reader.read(1 << 16)
+        if not data:
+            raise ProtocolError("connection closed before the response head")
+        buf += data
+    head = bytes(buf[:i]).lower()
+    length = int(head.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+    while len(buf) < i + 4 + length:
+        data = await conn.reader.read(1 << 16)
+        if not data:
+            raise ProtocolError("connection closed in the response body")
+        buf += data
+    body = bytes(buf[i + 4 : i + 4 + length])
+    del buf[: i + 4 + length]
+    if head[9:12] != b"200":
+        return (t_sent, None, perf(), 0, False, f"HTTP {head[9:12].decode()} {body[:120]!r}"), True
+    mid = _loads(body)["message_id"]
+    get = (
+        f"GET /v1/messages/async/{mid}/stream HTTP/1.1\r\nHost: {HOST}:{conn.port}\r\nAccept: text/event-stream\r\n\r\n"
+    ).encode()
+    (t_get, ttft, t_done, tokens, ok, problem), reusable = await do_request(conn, get, "native", expected)
+    return (t_sent, None if ttft is None else ttft + (t_get - t_sent), t_done, tokens, ok, problem), reusable
+
+
 # ------------------------------------------------------------------ rounds
 
 
@@ -385,7 +424,10 @@ async def run_round(
         try:
             while perf() < hi:
                 try:
-                    sample, reusable = await do_request(conn, request, mode, expected)
+                    if mode == BACKGROUND:
+                        sample, reusable = await do_background(conn, request, expected)
+                    else:
+                        sample, reusable = await do_request(conn, request, mode, expected)
                 except (ProtocolError, ConnectionError, OSError, ValueError) as exc:
                     errors[f"{type(exc).__name__}: {exc}"] += 1
                     reusable = False
@@ -614,6 +656,30 @@ def dialect_request(dialect: str, port: int, max_tokens: int, messages: list[dic
     return build_request("/v1/responses", port, body)
 
 
+def background_report(results: list[RoundResult], direct: dict[str, Any]) -> dict[str, Any]:
+    """Background rounds against direct in the same run: throughput ratio, TTFT p99 overhead, server CPU per run."""
+    rounds = [r for r in results if r.side == BACKGROUND]
+    stats = side_stats(rounds)
+    out = {
+        "requests_per_s": stats["requests_per_s"],
+        "ttft_p99_ms": stats["ttft_p99_ms"],
+        "background_throughput_ratio": stats["requests_per_s"] / direct["requests_per_s"]
+        if direct["requests_per_s"]
+        else float("nan"),
+        "background_ttft_p99_overhead_ms": stats["ttft_p99_ms"] - direct["ttft_p99_ms"],
+        "cpu_ms_per_run": cpu_ms_per_request(rounds, "server"),
+        "errors": stats["errors"],
+    }
+    print("\nbackground runs (POST /v1/messages/async, then watch), against direct in the same rounds:")
+    rows = [
+        [name, fmt(out[name], 3), goal_text(name), goal_met(name, out[name])]
+        for name in ("background_throughput_ratio", "background_ttft_p99_overhead_ms")
+    ]
+    rows.append(["server CPU per run, ms", fmt(out["cpu_ms_per_run"]), "", ""])
+    print(table(["metric", "value", "goal", "met"], rows, align="lrll"))
+    return out
+
+
 def dialect_report(
     results: list[RoundResult], dialects: list[str], native_cpu: float
 ) -> tuple[list[list[Any]], dict[str, Any]]:
@@ -667,6 +733,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--py-spy-native", action="store_true", help="with --py-spy: sample native (C) frames too")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, server log)")
     ap.add_argument(
+        "--background",
+        action="store_true",
+        help="also run background rounds: POST /v1/messages/async, then watch it (timed from the POST)",
+    )
+    ap.add_argument(
+        "--store", choices=["memory", "sqlite", "redis"], default="memory", help="the server's store (default memory)"
+    )
+    ap.add_argument(
         "--dialect",
         choices=["native", *DIALECTS, "all"],
         default="native",
@@ -688,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fake.start()
         config = (
-            "store: memory\n"
+            f"store: {args.store}\n"
             "log_level: warning\n"
             "models:\n"
             "  - name: fake\n"
@@ -733,7 +807,10 @@ def main(argv: list[str] | None = None) -> int:
         target = {BACKSTREAM: (server.port, bs_request), DIRECT: (fake.port, direct_request)}
         dialects = list(DIALECTS) if args.dialect == "all" else [d for d in DIALECTS if d == args.dialect]
         target.update({d: (server.port, dialect_request(d, server.port, max_tokens, messages)) for d in dialects})
-        sides = [BACKSTREAM, *dialects, DIRECT]
+        background = [BACKGROUND] if args.background else []
+        body = {"model": "fake", "max_tokens": max_tokens, "messages": messages}
+        target[BACKGROUND] = (server.port, build_request("/v1/messages/async", server.port, body))
+        sides = [BACKSTREAM, *dialects, *background, DIRECT]
         watch = {"server": server.pid, "fake": fake.pid}
         # Stagger client starts over one ideal request duration so they do not march in lockstep.
         ideal_s = (args.ttft_ms + max(0, args.tokens - 1) * args.delay_ms) / 1000
@@ -878,6 +955,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(table(["metric", "value", "goal", "met"], rows, align="lrll"))
 
+    background_result = background_report(results, sb) if args.background else None
     dialect_rows, dialect_results = dialect_report(results, dialects, cpu_bs)
     if dialect_rows:
         print("\nwire dialects, each against native A in the same rounds:")
@@ -918,6 +996,7 @@ def main(argv: list[str] | None = None) -> int:
         "startup_s": startup,
         "startup_samples_s": startups,
         "dialects": dialect_results,
+        "background": _json_safe(background_result) if background_result else None,
         "errors": sa["errors"] + sb["errors"] + sum(d["errors"] for d in dialect_results.values()),
         "short_streams": sa["short_streams"] + sb["short_streams"],
         "goals_met": {
