@@ -494,7 +494,9 @@ def log_summary(path: Path, top: int = 8) -> dict[str, int]:
 
 
 def server_config(store: str, fake_port: int, spec: str, redis_prefix: str, server_workers: int = 1) -> str:
-    lines = [f"store: {store}", "log_level: warning", "runs: {queue_limit: 100000}", f"workers: {server_workers}"]
+    lines = [f"store: {store}", "log_level: warning", "runs: {queue_limit: 100000}"]
+    if server_workers > 1:
+        lines.append(f"workers: {server_workers}")
     if store == "redis":
         lines.append(f'redis: {{url: "{REDIS_URL}", key_prefix: "{redis_prefix}", lease_s: 15}}')
     lines += [
