@@ -125,3 +125,39 @@ async def test_group_commit_reports_a_fenced_out_run(pair: tuple[RedisStore, Red
     assert await b.read("t", "lost") == []
     with pytest.raises(FencedOut):
         a.enqueue("t", "lost", ev("lost", 2))
+
+
+async def test_watchers_reads_cannot_starve_a_runs_writes(redis_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every read connection busy (thousands of watchers replaying) and a run still stores its events and
+    its status at once: writes have a pool of their own. With one shared pool the append waited for a
+    read connection and, past the pool's timeout, the run ended in error ("No connection available")."""
+    from backstream.store import redis as redis_store
+
+    monkeypatch.setattr(redis_store, "READ_CONNECTIONS", 2)
+    store = redis_factory()()
+    await store.open()
+    try:
+        await store.create_run(RunRecord(tenant="t", message_id="w1"))
+        await store.claim("t", "w1")
+        # Blocking reads hold both read connections for 3 s, as a crowd of slow watchers would.
+        busy = [asyncio.ensure_future(store.reads.blpop([f"{store.prefix}:nothing:{i}"], timeout=3)) for i in (1, 2)]
+        await _until_blocked(store, 2)
+        started = time.monotonic()
+        store.enqueue("t", "w1", ev("w1", 1))
+        await store.sync("t", "w1")
+        await store.update_run("t", "w1", status="processing")
+        assert time.monotonic() - started < 1.0, "the run's writes did not wait for the watchers' reads"
+        assert [e.seq for e in await store.read("t", "w1")] == [1]
+        await asyncio.gather(*busy)
+    finally:
+        await store.close()
+
+
+async def _until_blocked(store: RedisStore, count: int) -> None:
+    """Until Redis reports `count` clients blocked in BLPOP (a state only Redis can tell; polled, bounded)."""
+    deadline = time.monotonic() + 5
+    blocked = 0
+    while blocked < count and time.monotonic() < deadline:
+        blocked = sum(c.get("cmd") == "blpop" for c in await store.redis.client_list())
+        await asyncio.sleep(0.01)  # noqa: ASYNC110 - there is no event to await: Redis is asked
+    assert blocked >= count

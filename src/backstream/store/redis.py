@@ -105,6 +105,16 @@ def _stream_event(eid: bytes, fields: dict[bytes, bytes]) -> Event:
     return Event(int(eid.split(b"-", 1)[0]), fields[b"t"].decode(), None, fields[b"d"])
 
 
+WRITE_CONNECTIONS = 128
+READ_CONNECTIONS = 256
+
+
+def _pool(url: str, size: int) -> aioredis.BlockingConnectionPool:
+    return aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=size, timeout=5, retry=_retry(), socket_connect_timeout=2, health_check_interval=30
+    )
+
+
 def _retry() -> Retry:
     # A pooled connection that outlived a Redis restart fails once; reconnect and retry at once
     # rather than answer 503 for every stale connection in the pool.
@@ -123,12 +133,12 @@ class RedisStore(StreamStore):
         self.prefix = prefix
         self.keys = keys or RedisKeys(prefix)
         self.max_events = max_events
-        # A blocking pool waits for a free connection instead of failing with "Too many connections"
-        # when a thousand runs flush at once.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=256, timeout=5, retry=_retry(), socket_connect_timeout=2, health_check_interval=30
-        )
-        self.redis = aioredis.Redis(connection_pool=pool)
+        # Blocking pools wait for a free connection instead of failing with "Too many connections" when a
+        # thousand runs flush at once. Two of them: thousands of watchers reading (replays, statuses) must
+        # never leave a run without a connection to store its events or renew its lease (seen at 10,000
+        # watchers: runs ended in error with "No connection available").
+        self.redis = aioredis.Redis(connection_pool=_pool(url, WRITE_CONNECTIONS))  # writes, leases, scripts
+        self.reads = aioredis.Redis(connection_pool=_pool(url, READ_CONNECTIONS))  # what watchers and listings read
         # The follower blocks in XREAD for up to 5 s: its socket must not time out first.
         self._block = aioredis.from_url(
             url, single_connection_client=True, socket_timeout=None, socket_connect_timeout=2, retry=_retry()
@@ -165,6 +175,7 @@ class RedisStore(StreamStore):
             self._follower.cancel()
             await asyncio.wait({self._follower}, timeout=5)
         await self._block.aclose()
+        await self.reads.aclose()
         await self.redis.aclose()
 
     async def ping(self) -> str | None:
@@ -226,7 +237,7 @@ class RedisStore(StreamStore):
         return created
 
     async def get_run(self, tenant: str, message_id: str) -> RunRecord | None:
-        raw = await self.redis.hgetall(self.meta_key((tenant, message_id)))
+        raw = await self.reads.hgetall(self.meta_key((tenant, message_id)))
         if not raw:
             return None
         return RunRecord(**_decode(cast(dict[bytes, bytes], raw)))
@@ -269,7 +280,7 @@ class RedisStore(StreamStore):
         found: list[RunRecord] = []
         offset = 0
         while len(found) < query.limit:
-            members: Any = await self.redis.zrevrangebyscore(
+            members: Any = await self.reads.zrevrangebyscore(
                 index, top, bottom, start=offset, num=batch, withscores=True
             )
             if not members:
@@ -281,7 +292,7 @@ class RedisStore(StreamStore):
     async def _listed(self, tenant: str, query: RunQuery, members: list[tuple[str, float]]) -> list[RunRecord]:
         """The runs of `members` that still exist and match; members whose meta is gone leave the index
         (only once older than INDEX_GRACE_S: a run being created is indexed just before its meta exists)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.reads.pipeline(transaction=False) as pipe:
             for mid, _ in members:
                 pipe.hmget(self.meta_key((tenant, mid)), _LIST_FIELDS)
             rows = await pipe.execute()
@@ -346,15 +357,15 @@ class RedisStore(StreamStore):
         return failures
 
     async def _load_events(self, key: Key, after: int, limit: int) -> list[Event]:
-        entries: Any = await self.redis.xrange(self.events_key(key), min=f"{after + 1}-0", max="+", count=limit)
+        entries: Any = await self.reads.xrange(self.events_key(key), min=f"{after + 1}-0", max="+", count=limit)
         return [_stream_event(eid, f) for eid, f in entries]
 
     async def _last_seq(self, key: Key) -> int:
-        entries: Any = await self.redis.xrevrange(self.events_key(key), max="+", min="-", count=1)
+        entries: Any = await self.reads.xrevrange(self.events_key(key), max="+", min="-", count=1)
         return int(entries[0][0].split(b"-", 1)[0]) if entries else 0
 
     async def _last_event(self, key: Key) -> Event | None:
-        entries: Any = await self.redis.xrevrange(self.events_key(key), max="+", min="-", count=1)
+        entries: Any = await self.reads.xrevrange(self.events_key(key), max="+", min="-", count=1)
         return _stream_event(*entries[0]) if entries else None
 
     async def last_seq(self, tenant: str, message_id: str) -> int:
