@@ -161,3 +161,25 @@ async def _until_blocked(store: RedisStore, count: int) -> None:
         blocked = sum(c.get("cmd") == "blpop" for c in await store.redis.client_list())
         await asyncio.sleep(0.01)  # noqa: ASYNC110 - there is no event to await: Redis is asked
     assert blocked >= count
+
+
+async def _unblock_calls(store: RedisStore) -> int:
+    stats = await store.redis.info("commandstats")
+    return int(stats.get("cmdstat_client|unblock", {}).get("calls", 0))
+
+
+async def test_watchers_attaching_at_once_share_the_follower_unblock(pair: tuple[RedisStore, RedisStore]) -> None:
+    """300 watchers of 300 remote runs attach in one burst: the follower is interrupted a few times, not
+    once per watcher (each CLIENT UNBLOCK took a pooled connection: a burst took them all)."""
+    a, b = pair
+    ids = [f"u{i}" for i in range(300)]
+    for mid in ids:
+        await a.create_run(RunRecord(tenant="t", message_id=mid))
+        await a.claim("t", mid)
+    await b.wait("t", "u0", 0, timeout=0.05)  # the follower is running and blocked in its XREAD
+    before = await _unblock_calls(b)
+    waiters = [asyncio.create_task(b.wait("t", mid, 0, timeout=5)) for mid in ids]
+    for mid in ids:
+        await a.append("t", mid, [ev(mid, 1)])
+    assert all(await asyncio.gather(*waiters)), "every watcher woke by its event, none by the timeout"
+    assert await _unblock_calls(b) - before < 30

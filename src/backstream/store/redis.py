@@ -148,6 +148,7 @@ class RedisStore(StreamStore):
         self._followed: dict[Key, int] = {}  # remote runs with waiters -> cursor to follow from
         self._follower: asyncio.Task[None] | None = None
         self._block_id: int | None = None
+        self._unblocking: asyncio.Task[None] | None = None
         self._follow_changed = asyncio.Event()
         self._closing = False
         # Index members older than this are trimmed (retention plus slack for long runs); None: never.
@@ -397,8 +398,17 @@ class RedisStore(StreamStore):
             return
         self._followed[key] = after
         self._follow_changed.set()
-        if self._block_id is not None:
-            asyncio.get_running_loop().create_task(self._unblock())
+        # One unblocking task at a time: a thousand watchers attaching at once would otherwise send a
+        # thousand CLIENT UNBLOCKs and take every pooled connection from the runs' writes.
+        if self._block_id is not None and (self._unblocking is None or self._unblocking.done()):
+            self._unblocking = asyncio.get_running_loop().create_task(self._unblock())
+            self._unblocking.add_done_callback(self._unblock_again)
+
+    def _unblock_again(self, task: asyncio.Task[None]) -> None:
+        """A change made while the last unblock was finishing must not wait for the XREAD's timeout."""
+        if self._follow_changed.is_set() and self._block_id is not None and not self._closing:
+            self._unblocking = asyncio.get_running_loop().create_task(self._unblock())
+            self._unblocking.add_done_callback(self._unblock_again)
 
     async def _unblock(self) -> None:
         """Interrupt the follower's XREAD so it picks up the new stream set.
