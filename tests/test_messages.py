@@ -263,6 +263,19 @@ def test_alias_resolves(http: httpx.Client, fake: FakeUpstream) -> None:
     assert fake.requests[-1].model == "gpt-up"
 
 
+def test_streams_keep_every_middlewares_start_and_end(http: httpx.Client, fake: FakeUpstream) -> None:
+    """SSE frames go to the server directly (http/direct_body_send.py); the start and the end still pass
+    every middleware: the request id and security headers are on the stream, and the frames all arrive."""
+    fake.script("gpt-up", [Reply(tokens=[f"t{i} " for i in range(20)])])
+    body = {"model": "gpt", "max_tokens": 32, "messages": USER, "stream": True}
+    with http.stream("POST", "/v1/messages", json=body, headers={"x-request-id": "stream-77"}) as resp:
+        raw = resp.read()
+    assert resp.headers["x-request-id"] == "stream-77" and resp.headers["x-content-type-options"] == "nosniff"
+    frames = parse_sse(raw)
+    assert [f["id"] for f in frames] == list(range(1, len(frames) + 1))
+    assert sum(f["event"] == "text_delta" for f in frames) == 20 and frames[-1]["event"] == "stream_end"
+
+
 def test_request_id_is_echoed_or_generated(http: httpx.Client) -> None:
     resp = http.get("/healthz", headers={"x-request-id": "abc-123"})
     assert resp.headers["x-request-id"] == "abc-123"

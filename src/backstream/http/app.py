@@ -20,6 +20,7 @@ from . import background_runs, chat_completions, messages, operations, responses
 from .access_log import AccessLogMiddleware
 from .authentication import AuthenticationMiddleware
 from .body_limit import BodyLimitMiddleware
+from .direct_body_send import DirectBodySend
 from .docs import install_docs
 from .errors import install_error_handlers
 from .json_response import ORJSONResponse
@@ -80,7 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 def _install_middleware(app: FastAPI, settings: Settings, quotas: Quotas, store: StreamStore) -> None:
     """Added innermost first; a request passes them in the reverse order:
-    (tracing →) access log → CORS → security headers → store outage → request id → authentication → rate limit → body limit."""
+    direct body send → (tracing →) access log → CORS → security headers → store outage → request id → authentication → rate limit → body limit."""
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, quotas=quotas)  # needs the caller: inside authentication
     app.add_middleware(AuthenticationMiddleware, authenticator=Authenticator(settings.auth))
@@ -90,3 +91,4 @@ def _install_middleware(app: FastAPI, settings: Settings, quotas: Quotas, store:
     add_cors(app, settings.cors)
     app.add_middleware(AccessLogMiddleware, enabled=settings.log.access)  # every answer, once it ended
     install_tracing(app, settings)  # when on, outermost: the request's span (under its traceparent) is current
+    app.add_middleware(DirectBodySend)  # outermost: SSE frames skip the start-only send wrappers above

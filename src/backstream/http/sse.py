@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..events import KEEPALIVE
+from .direct_body_send import DIRECT_SEND
 
 T = TypeVar("T")
 
@@ -81,14 +82,18 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         last_write = time.monotonic()
+        # The start and the end go through every middleware; the frames between go straight to the
+        # server (middleware here only look at the start: see direct_body_send.py).
+        frame_send: Send = scope.get(DIRECT_SEND, send)
 
         async def pump() -> None:
             nonlocal last_write
             encode = self.encode
             if self.head:
-                await send({"type": "http.response.body", "body": self.head, "more_body": True})
+                await frame_send({"type": "http.response.body", "body": self.head, "more_body": True})
             async for item in self.frames:
-                await send({"type": "http.response.body", "body": encode(item) if encode else item, "more_body": True})
+                body = encode(item) if encode else item
+                await frame_send({"type": "http.response.body", "body": body, "more_body": True})
                 last_write = time.monotonic()
 
         async def keepalive() -> None:
@@ -96,7 +101,7 @@ class EventStreamResponse(Response):
             while True:
                 await asyncio.sleep(max(0.0, last_write + self.keepalive_s - time.monotonic()))
                 if time.monotonic() - last_write >= self.keepalive_s:
-                    await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                    await frame_send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
                     last_write = time.monotonic()
 
         pump_task = asyncio.ensure_future(pump())  # the frames; the response ends when it does
