@@ -183,3 +183,47 @@ async def test_watchers_attaching_at_once_share_the_follower_unblock(pair: tuple
         await a.append("t", mid, [ev(mid, 1)])
     assert all(await asyncio.gather(*waiters)), "every watcher woke by its event, none by the timeout"
     assert await _unblock_calls(b) - before < 30
+
+
+async def _xrange_calls(store: RedisStore) -> int:
+    stats = await store.redis.info("commandstats")
+    return int(stats.get("cmdstat_xrange", {}).get("calls", 0))
+
+
+async def test_remote_watchers_share_the_followers_reads(pair: tuple[RedisStore, RedisStore]) -> None:
+    """Watchers on a replica that does not run the run: the follower's XREAD feeds their tail, so each
+    live event is read from Redis about once, not once per watcher (it was an XRANGE per watcher per event)."""
+    from backstream.background.watch import follow_run
+
+    a, b = pair
+    await a.create_run(RunRecord(tenant="t", message_id="shared"))
+    await a.claim("t", "shared")
+    await a.append("t", "shared", [ev("shared", 1)])
+
+    async def watcher() -> list[int]:
+        seen: list[int] = []
+        async for frames in follow_run(b, "t", "shared", 0):
+            seen += [int(line[4:]) for line in frames.split(b"\n") if line.startswith(b"id: ")]
+        return seen
+
+    def all_waiting() -> bool:  # every watcher has what there is and waits for more
+        tail = b._tail_of(("t", "shared"))
+        return tail is not None and len(tail._waiters) == 20
+
+    watchers = [asyncio.create_task(watcher()) for _ in range(20)]
+    await _until(all_waiting)
+    before = await _xrange_calls(b)
+    for seq in range(2, 12):
+        await a.append("t", "shared", [ev("shared", seq)])
+        await _until(all_waiting)
+    await a.append("t", "shared", [ev("shared", 12, "stream_end")])
+    assert [await w for w in watchers] == [list(range(1, 13))] * 20
+    assert await _xrange_calls(b) - before < 20, "live events came from the shared tail"
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    """Until a store's in-memory state says so (it has no event to await for it); bounded."""
+    deadline = time.monotonic() + timeout
+    while not condition():  # noqa: ASYNC110 - polled state, not an event
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)

@@ -379,6 +379,13 @@ class RedisStore(StreamStore):
         key = (tenant, message_id)
         if key in self._fences:
             return await super().read(tenant, message_id, after, limit)
+        # Another replica's run: the follower feeds what it reads into the tail, so its watchers share
+        # one XREAD instead of an XRANGE each per event. An empty answer may be behind Redis; the wait()
+        # that follows it asks Redis from the same cursor, so nothing is missed.
+        tail = self._tails.get(key)
+        held = tail.after(after, limit) if tail is not None else None
+        if held is not None:
+            return held
         return await self._load_events(key, after, limit)
 
     async def wait(self, tenant: str, message_id: str, after: int, timeout: float) -> bool:
@@ -386,6 +393,7 @@ class RedisStore(StreamStore):
         if key in self._fences or self.closing:  # executed here: the local tail is current
             return await super().wait(tenant, message_id, after, timeout)
         tail = self._tail_for(key, after)
+        tail.done = True  # another replica writes it: its tail goes with its last watcher here
         if tail.last_seq > after:
             return True
         self._follow(key, after)
@@ -409,6 +417,18 @@ class RedisStore(StreamStore):
         if self._follow_changed.is_set() and self._block_id is not None and not self._closing:
             self._unblocking = asyncio.get_running_loop().create_task(self._unblock())
             self._unblocking.add_done_callback(self._unblock_again)
+
+    def _feed(self, key: Key, entries: list[Any]) -> None:
+        """What the follower read of a remote run joins its tail (kept contiguous) and wakes its watchers."""
+        tail = self._tail_of(key)
+        if tail is None or key in self._fences:
+            return
+        events = [e for e in (_stream_event(eid, fields) for eid, fields in entries) if e.seq > tail.last_seq]
+        if not events:
+            return
+        if tail.events and tail.events[-1].seq + 1 != events[0].seq:
+            self.cached_bytes -= tail.clear()  # a gap: readers of older cursors go to Redis
+        self._publish(key, events)
 
     async def _unblock(self) -> None:
         """Interrupt the follower's XREAD so it picks up the new stream set.
@@ -446,9 +466,7 @@ class RedisStore(StreamStore):
                         if not entries:
                             continue
                         key = self.keys.run_of_events(stream_key)
-                        tail = self._tail_of(key)
-                        if tail is not None:
-                            tail.advance(int(entries[-1][0].split(b"-", 1)[0]))
+                        self._feed(key, entries)
                         self._followed.pop(key, None)  # re-followed by the next wait()
             except RedisError as exc:
                 if self._closing:
