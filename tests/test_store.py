@@ -314,3 +314,34 @@ async def test_listing_filters(store: StreamStore) -> None:
         await store.create_run(record(f"x{i:03d}", status="pending", model="m3", created_at=base + 10 + i))
     assert await ids(status="completed", limit=2) == ["c2", "c1"]
     assert len(await ids(model="m3", limit=100)) == 100
+
+
+async def test_sqlite_writes_keep_pace_beside_a_busy_interpreter(tmp_path: Path) -> None:
+    """The writer thread shares the GIL with a busy event loop. Stepping once per row (executemany) handed
+    the GIL over per event, each hand-back waiting up to the 5 ms switch interval: 2,000 events took
+    seconds. Multi-row INSERTs step once per chunk."""
+    import threading
+
+    from backstream.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "busy.db")
+    await store.open()
+    busy = threading.Event()
+
+    def spin() -> None:  # pure Python work, as a loaded event loop does
+        n = 0
+        while not busy.is_set():
+            n += 1
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        await store.create_run(RunRecord(tenant="t", message_id="busy"))
+        started = time.monotonic()
+        await store.append("t", "busy", [Event.build(i, "text_delta", "busy", delta="x" * 100) for i in range(1, 2001)])
+        elapsed = time.monotonic() - started
+    finally:
+        busy.set()
+        spinner.join()
+        await store.close()
+    assert elapsed < 2.0, f"2,000 events took {elapsed:.1f} s beside a busy thread"

@@ -87,15 +87,31 @@ def _record(row: Sequence[Any]) -> RunRecord:
     return RunRecord(**data)
 
 
+# Rows per INSERT statement, largest first. executemany steps once per row, and the sqlite3 module
+# lets go of the GIL around every step: at 20,000 events a second the writer thread and the event
+# loop handed the GIL back and forth per event (each hand-back can wait for the 5 ms switch interval).
+# Multi-row statements step once per chunk; powers of two keep the distinct statements (cached) few.
+_CHUNKS = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+_INSERTS = {n: "INSERT OR IGNORE INTO events VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * n) for n in _CHUNKS}
+
+
+def _insert_events(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    i = 0
+    for size in _CHUNKS:
+        while len(rows) - i >= size:
+            conn.execute(_INSERTS[size], [value for row in rows[i : i + size] for value in row]).close()
+            i += size
+
+
 def _append_events(conn: sqlite3.Connection, batch: list[Any], i: int, results: list[Any]) -> int:
-    """Consecutive event appends (of any runs) from batch[i] on, as one executemany; returns the next index."""
+    """Consecutive event appends (of any runs) from batch[i] on, in a few multi-row INSERTs; returns the next index."""
     rows, futs = [], []
     while i < len(batch) and isinstance(batch[i][0], list):
         rows.extend(batch[i][0])
         futs.append(batch[i][1])
         i += 1
     try:
-        conn.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?)", rows).close()
+        _insert_events(conn, rows)
         results.extend((f, None, None) for f in futs)
     except sqlite3.Error as exc:
         results.extend((f, None, exc) for f in futs)
