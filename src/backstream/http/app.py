@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -33,6 +34,8 @@ from .state import Services, install
 from .store_outage import StoreOutageGuard
 from .tracing import install_tracing
 
+SWITCH_INTERVAL_S = 0.0005  # how long a thread may hold the GIL while another waits (Python's default: 5 ms)
+
 
 def create_app(settings: Settings) -> FastAPI:
     metrics.configure(tenant_labels=settings.metrics.tenant_labels)
@@ -49,6 +52,10 @@ def create_app(settings: Settings) -> FastAPI:
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
+        # The store's threads (SQLite reader and writer) and the local model's hand results back through
+        # the GIL; while the event loop is busy each hand-back waited out the switch interval (5 ms):
+        # reading 12 events beside a busy loop took 25 ms, 0.6 ms at 0.5 ms.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
             yield
         finally:

@@ -118,6 +118,30 @@ def _append_events(conn: sqlite3.Connection, batch: list[Any], i: int, results: 
     return i
 
 
+# A run's events in one row: fetching row by row lets go of the GIL per row, and beside a busy event
+# loop each hand-back waits (512 events: 370 ms by rows, 11 ms as one row, at the default switch
+# interval). Separators 0x1F and 0x1E never occur raw in an event type or in JSON (orjson escapes them).
+_LOAD_EVENTS = (
+    "SELECT group_concat(seq || char(31) || type || char(31) || CAST(data AS TEXT), char(30)) FROM "
+    "(SELECT seq, type, data FROM events WHERE tenant = ? AND message_id = ? AND seq > ? ORDER BY seq LIMIT ?)"
+)
+
+
+def _split_events(joined: str | None) -> list[Event]:
+    if not joined:
+        return []
+    events = []
+    for part in joined.split("\x1e"):
+        seq, type_, data = part.split("\x1f", 2)
+        events.append(Event(int(seq), type_, None, data.encode()))
+    events.sort(key=_by_seq)  # group_concat keeps the subquery's order in practice; SQLite does not promise it
+    return events
+
+
+def _by_seq(event: Event) -> int:
+    return event.seq
+
+
 def _listing_sql(tenant: str, query: RunQuery) -> tuple[str, tuple[Any, ...]]:
     """One keyset page; the walk goes down the (tenant, created_at, message_id) index."""
     where: list[str] = ["tenant = ?"]
@@ -312,13 +336,8 @@ class SQLiteStore(StreamStore):
         return {}
 
     async def _load_events(self, key: Key, after: int, limit: int) -> list[Event]:
-        rows = await self._read(
-            lambda c: c.execute(
-                "SELECT seq, type, data FROM events WHERE tenant = ? AND message_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (*key, after, limit),
-            ).fetchall()
-        )
-        return [Event(seq, type_, None, bytes(data)) for seq, type_, data in rows]
+        joined = await self._read(lambda c: c.execute(_LOAD_EVENTS, (*key, after, limit)).fetchone()[0])
+        return _split_events(joined)
 
     async def _last_seq(self, key: Key) -> int:
         row = await self._read(
