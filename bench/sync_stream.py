@@ -741,6 +741,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--store", choices=["memory", "sqlite", "redis"], default="memory", help="the server's store (default memory)"
     )
     ap.add_argument(
+        "--unconfigured-concurrency",
+        action="store_true",
+        help="leave max_concurrency out of the model entry (issue 13: no hidden cap for remote models)",
+    )
+    ap.add_argument(
         "--dialect",
         choices=["native", *DIALECTS, "all"],
         default="native",
@@ -769,8 +774,8 @@ def main(argv: list[str] | None = None) -> int:
             "    provider: openai\n"
             f"    base_url: http://{HOST}:{fake.port}/v1\n"
             f'    model: "{spec}"\n'
-            "    max_concurrency: 1024\n"
-            "    retries: 0\n"
+            + ("" if args.unconfigured_concurrency else "    max_concurrency: 1024\n")
+            + "    retries: 0\n"
         )
         startups: list[float] = []
         for k in range(max(1, args.startups)):
