@@ -7,7 +7,7 @@ import gzip
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -17,6 +17,7 @@ import pytest
 from backstream.builtin_tools.web import FetchRefused, _decompress
 from tests.support.fake_searxng import FakeSearxng
 from tests.support.fake_upstream import FakeUpstream, Reply, ToolCall
+from tests.support.local_http import LocalHttpServer, QuietHandler
 from tests.support.server import ServerProcess, fake_models
 from tests.support.sse import parse_sse
 
@@ -38,7 +39,7 @@ BIG_CHUNK = b"y" * 16384
 BIG_LIMIT = 64 * 1024 * 1024  # the /big page ends here at the latest; the fetch must stop long before
 
 
-class PageServer:
+class PageServer(LocalHttpServer):
     """Pages for the fetch tool; `hits` records every path requested, `released` frees the hanging handlers."""
 
     def __init__(self, other_port: int = 0) -> None:
@@ -48,19 +49,13 @@ class PageServer:
         self.big_aborted = threading.Event()  # the fetcher closed the connection while /big was still sending
         pages = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:  # noqa: N802
                 pages.hits.append(self.path)
                 pages.route(self, other_port)
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        super().__init__(Handler)
+        self.start()
 
     def route(self, h: BaseHTTPRequestHandler, other_port: int) -> None:
         redirects = {
@@ -121,8 +116,7 @@ class PageServer:
 
     def stop(self) -> None:
         self.released.set()
-        self._server.shutdown()
-        self._server.server_close()
+        super().stop()
 
 
 SEARCH_RESULTS = [

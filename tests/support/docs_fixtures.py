@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+
+from tests.support.local_http import LocalHttpServer, QuietHandler
 
 
 def pdf(lines: list[str]) -> bytes:
@@ -59,7 +58,7 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-class DocServer:
+class DocServer(LocalHttpServer):
     """Serves fixed answers by path on 127.0.0.1: `routes[path] = (status, headers, body)`; records the paths asked."""
 
     def __init__(self) -> None:
@@ -67,28 +66,10 @@ class DocServer:
         self.hits: list[str] = []
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 owner.hits.append(self.path)
                 status, headers, body = owner.routes.get(self.path, (404, {}, b"not found"))
-                self.send_response(status)
-                for name, value in {"content-length": str(len(body)), **headers}.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(status, body, headers)
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> DocServer:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
+
+from tests.support.local_http import LocalHttpServer, QuietHandler
 
 DIMENSIONS = 64
 
@@ -21,7 +21,7 @@ def vector(text: str) -> list[float]:
     return out
 
 
-class FakeEmbeddings:
+class FakeEmbeddings(LocalHttpServer):
     """Serves /v1/embeddings on 127.0.0.1 in a thread; `fail = True` answers 500."""
 
     def __init__(self) -> None:
@@ -29,8 +29,8 @@ class FakeEmbeddings:
         self.fail = False
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
+        class Handler(QuietHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = orjson.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
                 owner.requests.append(
                     {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}
@@ -44,25 +44,7 @@ class FakeEmbeddings:
                 self._answer(200, {"object": "list", "data": data, "model": body.get("model")})
 
             def _answer(self, status: int, payload: dict[str, Any]) -> None:
-                raw = orjson.dumps(payload)
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
+                self.reply(status, orjson.dumps(payload), {"content-type": "application/json"})
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> FakeEmbeddings:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
+        self.base_url = f"{self.url}/v1"

@@ -7,13 +7,13 @@ can check what reached it.
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.support.local_http import LocalHttpServer, QuietHandler
 
-class FakeSearxng:
+
+class FakeSearxng(LocalHttpServer):
     """`results` are SearxNG result objects ({url, title, content, engine, …}), returned for any query."""
 
     def __init__(self, results: list[dict[str, Any]] | None = None) -> None:
@@ -21,7 +21,7 @@ class FakeSearxng:
         self.queries: list[dict[str, list[str]]] = []  # the query string of each /search request
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 parts = urlsplit(self.path)
                 if parts.path != "/search":
@@ -42,25 +42,6 @@ class FakeSearxng:
                         "unresponsive_engines": [],
                     }
                 ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(200, body, {"Content-Type": "application/json"})
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def start(self) -> FakeSearxng:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(Handler)
