@@ -131,8 +131,10 @@ def test_openapi_document_holds_under_fuzzing(fuzzed: ServerProcess, fake: FakeU
         "positive_data_acceptance",
         "--phases",
         "examples,fuzzing,stateful",
+        # One worker, as below: with two, a failure was seen once that its own request does not reproduce
+        # (a stream request with an invalid `after` reported as answered 200; sent alone it is 422).
         "-w",
-        "2",
+        "1",
     )
 
 
